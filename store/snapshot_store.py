@@ -1,0 +1,222 @@
+"""Snapshots of aggregate state in object storage, through fsspec.
+
+A snapshot is a JSON document (gzip-compressed when the store is built with
+``compression="gzip"``) at
+``<root>/<aggregate_type>/<aggregate_id>/<snapshot_version>/<stream_version>.json``,
+with the type and id percent-encoded. May import ``aggregates``; never
+``pipeline`` or Ray. Snapshots are never unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "snapshots"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An aggregate's state as of stream ``version``, in state shape ``snapshot_version``."""
+
+    aggregate_type: str
+    aggregate_id: str
+    version: int
+    snapshot_version: int
+    state: dict[str, Any]
+    created_at: str = ""
+
+
+class SnapshotStore:
+    """Save and load the latest snapshot of each aggregate.
+
+    ``url`` is a local folder (the default) or any fsspec URL: ``s3://bucket/prefix``,
+    ``memory://name``. ``storage_options`` go to the filesystem (for S3: key,
+    secret, client_kwargs with endpoint_url). Saving never replaces a newer
+    snapshot; loading treats a missing, truncated or unreadable snapshot as no
+    snapshot, with one warning, and falls back to the next older one.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        storage_options: dict[str, Any] | None = None,
+        compression: str | None = None,
+    ) -> None:
+        if compression not in (None, "gzip"):
+            msg = f"compression = {compression!r} is invalid: use None or 'gzip'"
+            raise ValueError(msg)
+        self.url = url
+        self.compression = compression
+        options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(url, **options)
+        self.root = root.rstrip("/")
+        self._is_local = isinstance(self.fs, LocalFileSystem)
+        if self._is_local:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def save(self, snapshot: Snapshot) -> bool:
+        """Write a snapshot unless one at the same or a newer version exists.
+
+        Older snapshots of the aggregate, and snapshots of other state-shape
+        versions, are deleted after the write. Returns whether it was written.
+        """
+        folder = self._folder(snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version)
+        existing = self._versions(folder)
+        if existing and max(existing) >= snapshot.version:
+            return False
+        document = {
+            "format": FORMAT_VERSION,
+            "aggregate_type": snapshot.aggregate_type,
+            "aggregate_id": snapshot.aggregate_id,
+            "version": snapshot.version,
+            "snapshot_version": snapshot.snapshot_version,
+            "created_at": snapshot.created_at or datetime.now(UTC).isoformat(),
+            "state": snapshot.state,
+        }
+        data = json.dumps(document, separators=(",", ":")).encode()
+        if self.compression == "gzip":
+            data = gzip.compress(data, compresslevel=5)
+        self._write(f"{folder}/{snapshot.version:012d}{self._suffix()}", data)
+        self._delete_older(snapshot, existing)
+        return True
+
+    def load_latest(
+        self, aggregate_type: str, aggregate_id: str, snapshot_version: int
+    ) -> Snapshot | None:
+        """Return the newest readable snapshot in shape ``snapshot_version``, or None."""
+        folder = self._folder(aggregate_type, aggregate_id, snapshot_version)
+        for version, path in sorted(self._paths(folder).items(), reverse=True):
+            snapshot = self._read(path, aggregate_type, aggregate_id, snapshot_version, version)
+            if snapshot is not None:
+                return snapshot
+        return None
+
+    def list_versions(self, aggregate_type: str, aggregate_id: str) -> dict[int, list[int]]:
+        """Return the stream versions stored for each state-shape version."""
+        base = self._aggregate_folder(aggregate_type, aggregate_id)
+        found: dict[int, list[int]] = {}
+        for entry in self._ls(base):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.isdigit():
+                found[int(name)] = sorted(self._versions(f"{base}/{name}"))
+        return found
+
+    # -- internals -------------------------------------------------------------
+
+    def _aggregate_folder(self, aggregate_type: str, aggregate_id: str) -> str:
+        return f"{self.root}/{quote(aggregate_type, safe='')}/{quote(aggregate_id, safe='')}"
+
+    def _folder(self, aggregate_type: str, aggregate_id: str, snapshot_version: int) -> str:
+        return f"{self._aggregate_folder(aggregate_type, aggregate_id)}/{snapshot_version}"
+
+    def _suffix(self) -> str:
+        return ".json.gz" if self.compression == "gzip" else ".json"
+
+    def _ls(self, folder: str) -> list[str]:
+        try:
+            self.fs.invalidate_cache(folder)
+            return list(self.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def _paths(self, folder: str) -> dict[int, str]:
+        paths = {}
+        for path in self._ls(folder):
+            name = path.rsplit("/", 1)[-1]
+            stem = name.split(".", 1)[0]
+            if stem.isdigit() and name.endswith((".json", ".json.gz")):
+                paths[int(stem)] = path
+        return paths
+
+    def _versions(self, folder: str) -> list[int]:
+        return list(self._paths(folder))
+
+    def _write(self, path: str, data: bytes) -> None:
+        if not self._is_local:
+            self.fs.pipe_file(path, data)
+            return
+        # A local write goes to a temporary name first, so a crash mid-write
+        # leaves no truncated file under a snapshot's name.
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        self.fs.pipe_file(temporary, data)
+        self.fs.mv(temporary, path)
+
+    def _delete_older(self, snapshot: Snapshot, older: list[int]) -> None:
+        folder = self._folder(snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version)
+        paths = self._paths(folder)
+        stale = [paths[v] for v in older if v < snapshot.version and v in paths]
+        base = self._aggregate_folder(snapshot.aggregate_type, snapshot.aggregate_id)
+        for entry in self._ls(base):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.isdigit() and int(name) != snapshot.snapshot_version:
+                stale.append(entry)
+        for path in stale:
+            try:
+                self.fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+
+    def _read(
+        self,
+        path: str,
+        aggregate_type: str,
+        aggregate_id: str,
+        snapshot_version: int,
+        version: int,
+    ) -> Snapshot | None:
+        try:
+            data = self.fs.cat_file(path)
+            if path.endswith(".gz"):
+                data = gzip.decompress(data)
+            document = json.loads(data)
+            snapshot = _snapshot_from_document(document)
+        except FileNotFoundError:
+            return None
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+            logger.warning(
+                "snapshot unreadable, ignoring it path=%s error=%s", path, str(error)[:200]
+            )
+            return None
+        expected = (aggregate_type, aggregate_id, snapshot_version, version)
+        found = (snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version, snapshot.version)
+        if found != expected:
+            logger.warning(
+                "snapshot does not match its key, ignoring it path=%s found=%s", path, found
+            )
+            return None
+        return snapshot
+
+
+def _snapshot_from_document(document: Any) -> Snapshot:
+    if not isinstance(document, dict):
+        msg = f"snapshot must be a JSON object, got {type(document).__name__}"
+        raise ValueError(msg)
+    if document.get("format") != FORMAT_VERSION:
+        msg = f"snapshot format {document.get('format')!r} is not {FORMAT_VERSION}"
+        raise ValueError(msg)
+    state = document["state"]
+    if not isinstance(state, dict):
+        msg = "snapshot state must be a JSON object"
+        raise ValueError(msg)
+    return Snapshot(
+        aggregate_type=str(document["aggregate_type"]),
+        aggregate_id=str(document["aggregate_id"]),
+        version=int(document["version"]),
+        snapshot_version=int(document["snapshot_version"]),
+        state=state,
+        created_at=str(document.get("created_at", "")),
+    )
