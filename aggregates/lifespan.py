@@ -27,7 +27,7 @@ import heapq
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, Union
@@ -219,37 +219,40 @@ class LifespanTimers:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._deadlines: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._deadlines: dict[Hashable, float] = {}
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._serial = 0
 
-    def record(self, aggregate_id: str, answer: Answer) -> None:
+    def record(self, aggregate_id: Hashable, answer: Answer) -> None:
         """Start the idle clock for a duration answer; clear it for any other answer."""
         if isinstance(answer, timedelta):
             deadline = self._clock() + answer.total_seconds()
             self._deadlines[aggregate_id] = deadline
-            heapq.heappush(self._heap, (deadline, aggregate_id))
+            # The serial breaks ties so keys of different types are never compared.
+            self._serial += 1
+            heapq.heappush(self._heap, (deadline, self._serial, aggregate_id))
         else:
             self._deadlines.pop(aggregate_id, None)
 
-    def forget(self, aggregate_id: str) -> None:
+    def forget(self, aggregate_id: Hashable) -> None:
         """Drop the aggregate's deadline, as when it is evicted for another reason."""
         self._deadlines.pop(aggregate_id, None)
 
-    def deadline(self, aggregate_id: str) -> float | None:
+    def deadline(self, aggregate_id: Hashable) -> float | None:
         """Return the clock time at which the aggregate expires, or None."""
         return self._deadlines.get(aggregate_id)
 
-    def idle_for(self, aggregate_id: str) -> float | None:
+    def time_left(self, aggregate_id: Hashable) -> float | None:
         """Return seconds until the aggregate expires (negative once past), or None."""
         deadline = self._deadlines.get(aggregate_id)
         return None if deadline is None else deadline - self._clock()
 
-    def pop_expired(self) -> list[str]:
+    def pop_expired(self) -> list[Hashable]:
         """Remove and return the aggregates whose deadline is at or before now."""
         now = self._clock()
-        expired = []
+        expired: list[Hashable] = []
         while self._heap and self._heap[0][0] <= now:
-            deadline, aggregate_id = heapq.heappop(self._heap)
+            deadline, _, aggregate_id = heapq.heappop(self._heap)
             # The heap keeps superseded deadlines; only the current one counts.
             if self._deadlines.get(aggregate_id) == deadline:
                 del self._deadlines[aggregate_id]
@@ -263,5 +266,5 @@ class LifespanTimers:
     def _compact_heap(self) -> None:
         # Rebuild when superseded entries dominate, so the heap stays O(live).
         if len(self._heap) > 2 * len(self._deadlines) + 1024:
-            self._heap = [(d, a) for a, d in self._deadlines.items()]
+            self._heap = [(d, i, a) for i, (a, d) in enumerate(self._deadlines.items())]
             heapq.heapify(self._heap)

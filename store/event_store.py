@@ -138,10 +138,14 @@ class EventStore:
             }
             for letter in letters
         ]
-        insert = _insert_ignoring_duplicates(self.engine, schema.dead_letters)
+        # RETURNING counts the new rows: psycopg reports no rowcount for an
+        # executemany, so PostgreSQL would otherwise always count 0.
+        insert = _insert_ignoring_duplicates(self.engine, schema.dead_letters).returning(
+            schema.dead_letters.c.id
+        )
         with self._write() as connection:
-            outcome = connection.execute(insert, rows)
-        return max(outcome.rowcount, 0)
+            inserted = connection.execute(insert, rows).all()
+        return len(inserted)
 
     # -- reading ---------------------------------------------------------------
 

@@ -37,15 +37,21 @@ def load_aggregate(
     snapshots: SnapshotStore | None,
     page_size: int = DEFAULT_PAGE_SIZE,
     up_to_version: int | None = None,
+    snapshot_version: int | None = None,
 ) -> LoadedAggregate:
     """Load an aggregate from its latest valid snapshot plus the later events.
 
     A snapshot that cannot be restored (unknown fields, wrong shape) is logged
-    as a warning and the stream is replayed from the start. With
+    as a warning and the stream is replayed from the start. ``snapshot_version``
+    defaults to the one of the class's snapshot policy. With
     ``up_to_version`` the aggregate stops at that version (time travel); only a
     snapshot at or below it is used.
     """
-    aggregate, base = _from_snapshot(aggregate_type, aggregate_id, snapshots, up_to_version)
+    if snapshot_version is None:
+        snapshot_version = aggregate_type.snapshot_policy.snapshot_version
+    aggregate, base = _from_snapshot(
+        aggregate_type, aggregate_id, snapshots, snapshot_version, up_to_version
+    )
     replayed = 0
     for event in events.read_stream(
         aggregate_type.aggregate_type, aggregate_id, after_version=base, page_size=page_size
@@ -69,11 +75,11 @@ def _from_snapshot(
     aggregate_type: type[Aggregate],
     aggregate_id: str,
     snapshots: SnapshotStore | None,
+    snapshot_version: int,
     up_to_version: int | None,
 ) -> tuple[Aggregate, int]:
     if snapshots is None:
         return aggregate_type(aggregate_id), 0
-    snapshot_version = aggregate_type.snapshot_policy.snapshot_version
     snapshot = snapshots.load_latest(aggregate_type.aggregate_type, aggregate_id, snapshot_version)
     if snapshot is None or (up_to_version is not None and snapshot.version > up_to_version):
         return aggregate_type(aggregate_id), 0

@@ -3,13 +3,15 @@
 A snapshot is a JSON document (gzip-compressed when the store is built with
 ``compression="gzip"``) at
 ``<root>/<aggregate_type>/<aggregate_id>/<snapshot_version>/<stream_version>.json``,
-with the type and id percent-encoded. May import ``aggregates``; never
+with the type and id percent-encoded (``_path_segment`` also encodes the dots
+of "." and ".." and shortens long names). May import ``aggregates``; never
 ``pipeline`` or Ray. Snapshots are never unpickled or evaluated.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import uuid
@@ -25,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "snapshots"
 FORMAT_VERSION = 1
+# Local filesystems limit a name to 255 bytes, and an id of 256 characters can
+# take nine times that once percent-encoded; longer segments are shortened.
+_MAX_SEGMENT_LENGTH = 200
+_KEPT_PREFIX_LENGTH = 120
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,14 @@ class SnapshotStore:
         Older snapshots of the aggregate, and snapshots of other state-shape
         versions, are deleted after the write. Returns whether it was written.
         """
-        folder = self._folder(snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version)
-        existing = self._versions(folder)
-        if existing and max(existing) >= snapshot.version:
-            return False
+        return self.save_encoded(snapshot, self.encode(snapshot))
+
+    def encode(self, snapshot: Snapshot) -> bytes:
+        """Return the stored form of a snapshot: JSON, gzip-compressed if configured.
+
+        Encoding apart from writing lets a caller copy the state while it owns it
+        and leave the write to another thread.
+        """
         document = {
             "format": FORMAT_VERSION,
             "aggregate_type": snapshot.aggregate_type,
@@ -89,6 +99,20 @@ class SnapshotStore:
         data = json.dumps(document, separators=(",", ":")).encode()
         if self.compression == "gzip":
             data = gzip.compress(data, compresslevel=5)
+        return data
+
+    def save_encoded(self, snapshot: Snapshot, data: bytes) -> bool:
+        """Write ``data`` from ``encode`` as the snapshot described by ``snapshot``.
+
+        Only the type, id and versions of ``snapshot`` are read, so its state
+        may be empty. Returns whether it was written.
+        """
+        folder = self._folder(
+            snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version
+        )
+        existing = self._versions(folder)
+        if existing and max(existing) >= snapshot.version:
+            return False
         self._write(f"{folder}/{snapshot.version:012d}{self._suffix()}", data)
         self._delete_older(snapshot, existing)
         return True
@@ -117,7 +141,8 @@ class SnapshotStore:
     # -- internals -------------------------------------------------------------
 
     def _aggregate_folder(self, aggregate_type: str, aggregate_id: str) -> str:
-        return f"{self.root}/{quote(aggregate_type, safe='')}/{quote(aggregate_id, safe='')}"
+        type_segment = _path_segment(aggregate_type)
+        return f"{self.root}/{type_segment}/{_path_segment(aggregate_id)}"
 
     def _folder(self, aggregate_type: str, aggregate_id: str, snapshot_version: int) -> str:
         return f"{self._aggregate_folder(aggregate_type, aggregate_id)}/{snapshot_version}"
@@ -199,6 +224,27 @@ class SnapshotStore:
             )
             return None
         return snapshot
+
+
+def _path_segment(name: str) -> str:
+    """Percent-encode a type or id into one path segment of at most 200 characters.
+
+    The segment is never "." or "..", and a longer encoding keeps its first 120
+    characters followed by the SHA-256 of the name.
+    """
+    segment = quote(name, safe="")
+    # quote() leaves dots alone, and a local filesystem resolves "." and "..",
+    # so an id "." would name the type's folder and its save would delete the
+    # snapshots of every aggregate whose id is a number.
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    if len(segment) > _MAX_SEGMENT_LENGTH:
+        # quote() always follows "%" with two hex digits, so a shortened segment
+        # never equals a segment that was not shortened, and the digest of the
+        # whole name keeps shortened ones apart.
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        segment = f"{segment[:_KEPT_PREFIX_LENGTH]}%sha256-{digest}"
+    return segment
 
 
 def _snapshot_from_document(document: Any) -> Snapshot:

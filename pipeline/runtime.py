@@ -1,0 +1,74 @@
+"""Start or join Ray, and start, find or stop the job's controller."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from pipeline.config import JobConfig, RayConfig
+from pipeline.controller import CONTROLLER_NAME, ControllerActor
+
+logger = logging.getLogger(__name__)
+
+# Set before Ray starts. Ray's usage statistics are sent to an outside server
+# unless switched off. On Linux, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a
+# local Ray take 127.0.0.1 as its node address and bind its servers there
+# (checked with Ray 2.60), so a local instance serves loopback only.
+_LOCAL_RAY_ENVIRONMENT = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def init_ray(config: RayConfig) -> None:
+    """Start a local Ray or join a cluster, as ``config.address`` says; no-op if started."""
+    if ray.is_initialized():
+        return
+    if config.address == "local":
+        for name, value in _LOCAL_RAY_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+        options: dict[str, Any] = {
+            "namespace": config.namespace,
+            "include_dashboard": config.include_dashboard,
+            "dashboard_host": config.dashboard_host,
+            "log_to_driver": True,
+        }
+        if config.num_cpus:
+            options["num_cpus"] = config.num_cpus
+        if config.object_store_memory_bytes:
+            options["object_store_memory"] = config.object_store_memory_bytes
+        ray.init(**options)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address=config.address, namespace=config.namespace)
+    logger.info("ray started address=%s namespace=%s", config.address, config.namespace)
+
+
+def start_controller(config: JobConfig, detached: bool = False) -> Any:
+    """Start the named controller, or return the running one of the namespace."""
+    options: dict[str, Any] = {
+        "name": CONTROLLER_NAME,
+        "namespace": config.ray.namespace,
+        "get_if_exists": True,
+        "num_cpus": 0,
+        "max_restarts": 0,
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    return ControllerActor.options(**options).remote(config)
+
+
+def find_controller(namespace: str) -> Any:
+    """Return the running controller of ``namespace``; ValueError if there is none."""
+    return ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+
+
+def stop_controller(controller: Any) -> None:
+    """Shut the hosts down (queued snapshots are written) and kill the controller."""
+    try:
+        ray.get(controller.shutdown.remote(), timeout=120)
+    finally:
+        ray.kill(controller)
