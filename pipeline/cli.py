@@ -1,0 +1,173 @@
+"""The ``raysource`` command line (also ``python -m pipeline``).
+
+Each subcommand's work lives in its own module, imported only when that
+subcommand runs, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.config import ConfigError, JobConfig, describe_settings, load_config
+from pipeline.logs import configure_logging
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run the subcommand and return its exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_CONFIG_ERROR
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as error:
+        print(f"raysource: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+def output(text: str = "", *, end: str = "\n") -> None:
+    """Write user-facing output; the one place the command line prints."""
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+def load_job_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Load --config (if given) with overrides from other options."""
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def stop_on_signals() -> threading.Event:
+    """Return an event set by the first SIGINT or SIGTERM; a second one exits at once."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        output(f"\nraysource: {signal.Signals(signum).name} received, stopping after "
+               "durable commands are committed (send again to exit at once)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.job import StreamingJob
+    from pipeline.report import print_summary, progress_printer
+
+    config = load_job_config(args, _work_dir_override(args))
+    configure_logging("driver", config.log_level)
+    stop = stop_on_signals()
+    job = StreamingJob(config)
+    job.start()
+    try:
+        job.wait(stop, progress_printer(expected=None))
+    finally:
+        summary = job.stop()
+    print_summary(summary, rows_read=None)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.status import collect_status, format_status
+
+    config = load_job_config(args, {"ray": {"address": args.address}})
+    report = collect_status(config)
+    output(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.check:
+        config = load_config(args.check)
+        from pipeline.registry import AggregateRegistry
+
+        AggregateRegistry.from_config(config.aggregates)
+        output(f"{args.check}: valid")
+        return 0
+    for name, default, doc in describe_settings():
+        output(f"{name} = {default}\n    {doc}")
+    return 0
+
+
+def _work_dir_override(args: argparse.Namespace) -> dict[str, Any]:
+    return {"work_dir": args.work_dir} if getattr(args, "work_dir", None) else {}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysource",
+        description="Event-sourcing stream processor on Ray: commands from Kafka, "
+        "events to a SQL store, aggregates with lifespans and snapshots.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the streaming job until SIGINT or SIGTERM")
+    run.add_argument("--config", required=True, metavar="FILE",
+                     help="TOML configuration file (see 'raysource config' for every setting)")
+    run.add_argument("--work-dir", metavar="DIR", help="folder for samples and run files (overrides work_dir)")
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the job on embedded defaults: a local broker, Ray, SQLite and "
+        "snapshot folder, fed with real data",
+    )
+    demo.add_argument("--work-dir", default="raysource-demo", metavar="DIR",
+                      help="folder for the event store, snapshots, samples and logs (default: %(default)s)")
+    demo.add_argument("--input", metavar="FILE",
+                      help="Parquet, CSV or JSON-lines file to load instead of the 2013 New York flights")
+    demo.add_argument("--mapping", metavar="NAME",
+                      help="row-to-command mapping for --input: flights, retail, shop, or "
+                      "'module:function' (default: guessed from the file name)")
+    demo.add_argument("--limit", type=int, metavar="ROWS", help="read only the first ROWS rows")
+    demo.add_argument("--config", metavar="FILE", help="TOML file overriding the demo's settings")
+    demo.add_argument("--num-ingestors", type=int, metavar="N", help="KafkaIngestor actors (default 1)")
+    demo.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                      help="give up if the topic is not drained after this long (default: %(default)s)")
+    demo.set_defaults(handler=_demo)
+
+    status = commands.add_parser("status", help="print what a running job is doing")
+    status.add_argument("--config", metavar="FILE", help="the job's configuration (for its namespace and Kafka group)")
+    status.add_argument("--address", default="auto",
+                        help="Ray address of the running job (default: %(default)s, the local cluster)")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.set_defaults(handler=_status)
+
+    config = commands.add_parser("config", help="list every setting with its default, or check a file")
+    config.add_argument("--check", metavar="FILE", help="validate FILE and exit")
+    config.set_defaults(handler=_config)
+
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands: Any) -> None:
+    """Register subcommands whose modules add their own arguments."""
+    import importlib
+    import importlib.util
+
+    for module_name in ("pipeline.backfill", "pipeline.bench", "pipeline.top"):
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        importlib.import_module(module_name).register(commands)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
