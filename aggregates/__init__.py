@@ -4,6 +4,8 @@ Standard library only; imports nothing from ``store`` or ``pipeline``.
 """
 
 from aggregates.aggregate import Aggregate, NewEvent, applies, handles, reject
+from aggregates.aircraft import Aircraft
+from aggregates.customer import Customer
 from aggregates.errors import DomainError, InvalidCommandError, RaysourceError
 from aggregates.fold import FoldResult, fold_commands
 from aggregates.lifespan import (
@@ -30,9 +32,11 @@ __all__ = [
     "INFINITY",
     "STOP",
     "Aggregate",
+    "Aircraft",
     "Answer",
     "Command",
     "CommandSchema",
+    "Customer",
     "DomainError",
     "Event",
     "EveryNEvents",

@@ -140,9 +140,8 @@ class EventStore:
         ]
         # RETURNING counts the new rows: psycopg reports no rowcount for an
         # executemany, so PostgreSQL would otherwise always count 0.
-        insert = _insert_ignoring_duplicates(self.engine, schema.dead_letters).returning(
-            schema.dead_letters.c.id
-        )
+        table = schema.dead_letters
+        insert = _insert_ignoring_duplicates(self.engine, table).returning(table.c.id)
         with self._write() as connection:
             inserted = connection.execute(insert, rows).all()
         return len(inserted)
@@ -161,6 +160,7 @@ class EventStore:
         At most one page is held at a time, so a long stream never sits whole in
         memory.
         """
+        _check_page_size(page_size)
         table = schema.events
         while True:
             query = (
@@ -186,6 +186,7 @@ class EventStore:
         event_type: str | None = None,
     ) -> Iterator[Event]:
         """Yield events in global order after ``after_position``, page by page."""
+        _check_page_size(page_size)
         table = schema.events
         while True:
             query = sa.select(table).where(table.c.position > after_position)
@@ -220,6 +221,7 @@ class EventStore:
         self, aggregate_type: str, page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[str]:
         """Yield the id of every aggregate of a type that has events, in id order."""
+        _check_page_size(page_size)
         table = schema.events
         after = ""
         while True:
@@ -236,6 +238,14 @@ class EventStore:
             if len(page) < page_size:
                 return
             after = page[-1]
+
+    def count_aggregates(self) -> int:
+        """Return how many distinct aggregates have events."""
+        table = schema.events
+        distinct = sa.select(table.c.aggregate_type, table.c.aggregate_id).distinct().subquery()
+        query = sa.select(sa.func.count()).select_from(distinct)
+        with self._read() as connection:
+            return connection.execute(query).scalar() or 0
 
     def read_dead_letters(self) -> list[dict[str, Any]]:
         """Return every dead letter as a dict, oldest first."""
@@ -464,6 +474,13 @@ def _insert_ignoring_duplicates(engine: Engine, table: sa.Table) -> Any:
     if engine.dialect.name == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     return table.insert()
+
+
+def _check_page_size(page_size: int) -> None:
+    # A page size below 1 would make the paging loops index an empty page.
+    if page_size < 1:
+        msg = f"page_size = {page_size} is invalid: use 1 or more"
+        raise ValueError(msg)
 
 
 def _check_record_chains(records: Sequence[CommandRecord]) -> None:

@@ -60,6 +60,10 @@ def load_aggregate(
             break
         aggregate.apply(event)
         replayed += 1
+    if base and not replayed and up_to_version is None:
+        aggregate, base, replayed = _check_not_ahead(
+            aggregate_type, aggregate_id, aggregate, base, events, page_size
+        )
     logger.debug(
         "aggregate loaded aggregate=%s/%s version=%d snapshot=%d replayed=%d",
         aggregate_type.aggregate_type,
@@ -69,6 +73,38 @@ def load_aggregate(
         replayed,
     )
     return LoadedAggregate(aggregate, base, replayed)
+
+
+def _check_not_ahead(
+    aggregate_type: type[Aggregate],
+    aggregate_id: str,
+    aggregate: Aggregate,
+    base: int,
+    events: EventStore,
+    page_size: int,
+) -> tuple[Aggregate, int, int]:
+    """Replay from the start if the snapshot is newer than the stream.
+
+    That happens when the database was restored from an older backup than the
+    snapshots; using such a snapshot would make every append conflict.
+    """
+    stream_version = events.stream_version(aggregate_type.aggregate_type, aggregate_id)
+    if stream_version >= base:
+        return aggregate, base, 0
+    logger.warning(
+        "snapshot is ahead of the event store, replaying the stream aggregate=%s/%s "
+        "snapshot=%d stream=%d",
+        aggregate_type.aggregate_type,
+        aggregate_id,
+        base,
+        stream_version,
+    )
+    fresh = aggregate_type(aggregate_id)
+    replayed = 0
+    for event in events.read_stream(aggregate_type.aggregate_type, aggregate_id, page_size=page_size):
+        fresh.apply(event)
+        replayed += 1
+    return fresh, 0, replayed
 
 
 def _from_snapshot(

@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "snapshots"
 FORMAT_VERSION = 1
-# Local filesystems limit a name to 255 bytes, and an id of 256 characters can
-# take nine times that once percent-encoded; longer segments are shortened.
+# Linux filesystems such as ext4 limit a file name to 255 bytes, but an id of 256
+# characters can take nine times that once percent-encoded, so longer segments
+# are shortened.
 _MAX_SEGMENT_LENGTH = 200
 _KEPT_PREFIX_LENGTH = 120
 
