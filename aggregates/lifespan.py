@@ -175,19 +175,19 @@ def ask_lifespan(
     logged as a warning and replaced by INFINITY, so a faulty lifespan can keep
     an aggregate in memory but never fails a command.
     """
-    hook: Callable[[Any], Any]
+    call: Callable[[], object]
     if error is not None:
-        hook, argument = lifespan.after_error, error
+        hook_name, call = "after_error", lambda: lifespan.after_error(error)
     elif events:
-        hook, argument = lifespan.after_event, events[-1]
+        hook_name, call = "after_event", lambda: lifespan.after_event(events[-1])
     else:
-        hook, argument = lifespan.after_command, command
+        hook_name, call = "after_command", lambda: lifespan.after_command(command)
     try:
-        answer = hook(argument)
+        answer = call()
     except Exception:
         logger.warning(
             "lifespan hook failed, keeping aggregate hook=%s aggregate=%s",
-            hook.__name__,
+            hook_name,
             command.aggregate_id,
             exc_info=True,
         )
@@ -199,7 +199,7 @@ def ask_lifespan(
     logger.warning(
         "invalid lifespan answer treated as infinity hook=%s aggregate=%s answer=%r; "
         "expected STOP, INFINITY, HIBERNATE or a non-negative timedelta",
-        hook.__name__,
+        hook_name,
         command.aggregate_id,
         answer,
     )

@@ -233,14 +233,16 @@ def validate_field(name: str, value: Any, spec: Field) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         msg = f"payload.{name} must be a finite number, got {value!r}"
         raise InvalidCommandError(msg, field=f"payload.{name}")
-    too_low = spec.min_value is not None and value < spec.min_value
-    too_high = spec.max_value is not None and value > spec.max_value
+    number: Any = value
+    too_low = spec.min_value is not None and number < spec.min_value
+    too_high = spec.max_value is not None and number > spec.max_value
     if too_low or too_high:
         msg = (
             f"payload.{name} is out of range: {value!r} is not within "
             f"{spec.min_value}..{spec.max_value}"
         )
         raise InvalidCommandError(msg, field=f"payload.{name}")
-    if spec.max_length is not None and len(value) > spec.max_length:
+    sized: Any = value
+    if spec.max_length is not None and len(sized) > spec.max_length:
         msg = f"payload.{name} is longer than {spec.max_length}"
         raise InvalidCommandError(msg, field=f"payload.{name}")
