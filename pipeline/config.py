@@ -102,6 +102,7 @@ class RayConfig:
     num_cpus: int = setting(0, "CPUs of a local Ray; 0 means all.", minimum=0)
     include_dashboard: bool = setting(False, "Start Ray's dashboard with a local Ray.")
     dashboard_host: str = setting("127.0.0.1", "Address Ray's dashboard binds to.")
+    log_to_driver: bool = setting(True, "Show the actors' log lines in the driver's output.")
     object_store_memory_bytes: int = setting(
         0, "Object store size of a local Ray; 0 lets Ray choose.", minimum=0)
 
@@ -182,8 +183,16 @@ class JobConfig:
 _SECTIONS = {"kafka": KafkaConfig, "store": StoreConfig, "ray": RayConfig, "hosts": HostsConfig}
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
-    """Load and validate a TOML file; ``overrides`` is a dict of the same shape."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    file_wins: bool = False,
+) -> JobConfig:
+    """Load and validate a TOML file merged with ``overrides``, a dict of the same shape.
+
+    ``overrides`` win over the file, unless ``file_wins`` makes them defaults
+    that the file may change.
+    """
     table: dict[str, Any] = {}
     if path is not None:
         try:
@@ -196,7 +205,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             msg = f"configuration file {path} is not valid TOML: {error}"
             raise ConfigError(msg) from error
     if overrides:
-        table = _merge(table, overrides)
+        table = _merge(overrides, table) if file_wins else _merge(table, overrides)
     return config_from_dict(table)
 
 

@@ -218,6 +218,8 @@ class Controller:
 
     def _replace(self, host_id: str, reason: str) -> None:
         old = self._hosts.pop(host_id)
+        # Copied first: releasing the shards below empties ``old.shards``.
+        shards = set(old.shards)
         status = old.status
         if reason == "recycled":
             self.host_evictions["host_recycled"] += status.get("live_aggregates", 0)
@@ -226,16 +228,18 @@ class Controller:
             except (RayActorError, GetTimeoutError):
                 logger.warning("recycled host did not release its shards host=%s", host_id)
             _stop_actor(old.handle)
-        new = self._start_host(old.shards)
+        new = self._start_host(shards)
         self._publish(
             f"host {reason}", new.host_id, replaced=host_id, rss_bytes=status.get("rss_bytes")
         )
 
     def _retire(self, host_id: str) -> None:
         host = self._hosts.pop(host_id)
+        # Copied first: releasing the shards below empties ``host.shards``.
+        shards = set(host.shards)
         self._set_shards(host, set())
         others = sorted(self._hosts.values(), key=lambda h: len(h.shards))
-        for index, shard in enumerate(sorted(host.shards)):
+        for index, shard in enumerate(sorted(shards)):
             target = others[index % len(others)]
             target.shards.add(shard)
         for target in others:

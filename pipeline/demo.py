@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def demo_config(
     defaults: dict[str, Any] = {
         "work_dir": str(work_dir),
         "sample_interval_s": 0.5,
+        "ray": {"log_to_driver": False},
         "kafka": {
             "bootstrap_servers": bootstrap,
             "topics": [DEMO_TOPIC],
@@ -109,12 +111,13 @@ def _load_topic(
     started = time.time()
 
     def show(sent: int) -> None:
-        output(f"  {sent:,} rows produced", end="\r")
+        if sys.stdout.isatty():
+            output(f"\r  {sent:,} rows produced", end="")
 
     commands = iter_commands(source, mapping, limit=args.limit)
     ends = produce_commands(bootstrap, DEMO_TOPIC, commands, mapping.aggregate.id_field, show)
     rows = sum(ends.values())
-    output(f"  {rows:,} rows produced in {time.time() - started:,.1f}s")
+    output(f"\r  {rows:,} rows produced in {time.time() - started:,.1f}s")
     return rows, {(DEMO_TOPIC, partition): end for partition, end in ends.items()}
 
 

@@ -145,9 +145,8 @@ class StreamingJob:
             distinct = store.count_aggregates()
         finally:
             store.close()
-        ended = self.drained_at or time.time()
         durable = counts["appended_commands"] + counts["rejected_commands"] + counts["dead_letters"]
-        elapsed = max(ended - self.started_at, 1e-9)
+        elapsed = max(self._processing_time(ingestors), 1e-9)
         hosts = controller_status.get("hosts", {})
         sampler = self.sampler
         return {
@@ -172,11 +171,23 @@ class StreamingJob:
         }
 
 
+    def _processing_time(self, ingestors: list[dict[str, Any]]) -> float:
+        """Return seconds from the first record read to the input drained.
+
+        Without a drain (a stopped ``run``), the end is the ingestors' last commit.
+        """
+        first_reads = [i["first_read_at"] for i in ingestors if i.get("first_read_at")]
+        last_commits = [i["last_commit_at"] for i in ingestors if i.get("last_commit_at")]
+        start = min(first_reads) if first_reads else self.started_at
+        end = self.drained_at or (max(last_commits) if last_commits else time.time())
+        return end - start
+
+
 def committed_offsets(bootstrap_servers: str, group_id: str) -> dict[tuple[str, int], int]:
     """Return the consumer group's committed offset per (topic, partition)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="raysource-monitor")
     try:
-        offsets = admin.list_consumer_group_offsets(group_id)
+        offsets = admin.list_group_offsets({group_id: None}).get(group_id, {})
     finally:
         admin.close()
     return {

@@ -46,6 +46,8 @@ def produce_commands(
         batch_size=512 * 1024,
         max_request_size=8 * 1024 * 1024,
         acks=1,
+        # Idempotence needs acks="all"; one loopback broker gains nothing from it.
+        enable_idempotence=False,
     )
     ends: dict[int, int] = {}
 

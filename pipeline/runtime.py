@@ -30,11 +30,16 @@ def init_ray(config: RayConfig) -> None:
     if config.address == "local":
         for name, value in _LOCAL_RAY_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
+        _apply_cluster_switch()
         options: dict[str, Any] = {
+            # "local" always starts a new instance. Without an address,
+            # ray.init joins the instance whose address a `ray start` on this
+            # machine left in the Ray temp folder.
+            "address": "local",
             "namespace": config.namespace,
             "include_dashboard": config.include_dashboard,
             "dashboard_host": config.dashboard_host,
-            "log_to_driver": True,
+            "log_to_driver": config.log_to_driver,
         }
         if config.num_cpus:
             options["num_cpus"] = config.num_cpus
@@ -45,6 +50,17 @@ def init_ray(config: RayConfig) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=config.address, namespace=config.namespace)
     logger.info("ray started address=%s namespace=%s", config.address, config.namespace)
+
+
+def _apply_cluster_switch() -> None:
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, into
+    # ray._private.ray_constants.ENABLE_RAY_CLUSTER, when `import ray` runs, which
+    # is before this module sets it. That constant is what picks the node address
+    # (ray._private.services.get_node_ip_address in Ray 2.60), so it is updated too.
+    from ray._private import ray_constants
+
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def start_controller(config: JobConfig, detached: bool = False) -> Any:
