@@ -218,7 +218,7 @@ class Controller:
 
     def _replace(self, host_id: str, reason: str) -> None:
         old = self._hosts.pop(host_id)
-        # Copied first: releasing the shards below empties ``old.shards``.
+        # Copied first, because releasing the shards below empties ``old.shards``.
         shards = set(old.shards)
         status = old.status
         if reason == "recycled":
@@ -235,7 +235,7 @@ class Controller:
 
     def _retire(self, host_id: str) -> None:
         host = self._hosts.pop(host_id)
-        # Copied first: releasing the shards below empties ``host.shards``.
+        # Copied first, because releasing the shards below empties ``host.shards``.
         shards = set(host.shards)
         self._set_shards(host, set())
         others = sorted(self._hosts.values(), key=lambda h: len(h.shards))

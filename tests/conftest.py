@@ -96,6 +96,9 @@ def ray_session() -> Iterator[Any]:
 
     try:
         context = ray.init(
+            # "local" starts a new instance even when an earlier `ray start`
+            # left a cluster address in /tmp/ray.
+            address="local",
             num_cpus=4,
             object_store_memory=RAY_OBJECT_STORE_BYTES,
             include_dashboard=False,
