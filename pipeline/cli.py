@@ -45,20 +45,37 @@ def load_job_config(args: argparse.Namespace, overrides: dict[str, Any] | None =
     return load_config(getattr(args, "config", None), overrides)
 
 
-def stop_on_signals() -> threading.Event:
-    """Return an event set by the first SIGINT or SIGTERM; a second one exits at once."""
-    stop = threading.Event()
+def check_imports(config: JobConfig) -> None:
+    """Import every class and callable the configuration names; ConfigError if one fails.
+
+    Done before anything starts, so a wrong import path stops the job at once
+    instead of failing inside an actor.
+    """
+    from pipeline.registry import AggregateRegistry, import_object
+
+    AggregateRegistry.from_config(config.aggregates)
+    if config.kafka.decoder:
+        import_object(config.kafka.decoder, "kafka.decoder")
+
+
+def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
+    """Set ``stop`` (a new event if None) on the first SIGINT or SIGTERM; exit on a second.
+
+    Call it again after ``ray.init``: Ray installs its own SIGTERM handler in
+    the driver, which would end the process without committing.
+    """
+    event = stop if stop is not None else threading.Event()
 
     def handle(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        if event.is_set():
             raise SystemExit(128 + signum)
         output(f"\nraysource: {signal.Signals(signum).name} received, stopping after "
                "durable commands are committed (send again to exit at once)")
-        stop.set()
+        event.set()
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    return stop
+    return event
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -66,10 +83,12 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.report import print_summary, progress_printer
 
     config = load_job_config(args, _work_dir_override(args))
+    check_imports(config)
     configure_logging("driver", config.log_level)
     stop = stop_on_signals()
     job = StreamingJob(config)
     job.start()
+    stop_on_signals(stop)
     try:
         job.wait(stop, progress_printer(expected=None))
     finally:
@@ -95,10 +114,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     if args.check:
-        config = load_config(args.check)
-        from pipeline.registry import AggregateRegistry
-
-        AggregateRegistry.from_config(config.aggregates)
+        check_imports(load_config(args.check))
         output(f"{args.check}: valid")
         return 0
     for name, default, doc in describe_settings():

@@ -133,6 +133,7 @@ def _run_job(
     job = StreamingJob(config, expected_ends=ends, exclude_pids=exclude, label="demo")
     output("starting Ray, the controller, hosts and ingestors ...")
     job.start()
+    stop_on_signals(stop)
     try:
         job.wait(stop, progress_printer(expected=rows), timeout_s=timeout_s)
     finally:
