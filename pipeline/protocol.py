@@ -49,7 +49,7 @@ def _rebuild_item(
     aggregate_type: str, aggregate_id: str, command_type: str, payload: dict[str, Any],
     *metadata: Any,
 ) -> BatchItem:
-    # ``metadata`` holds Metadata's fields in declaration order, as listed above.
+    # ``metadata`` contains Metadata's fields in declaration order, as listed above.
     command = Command(aggregate_id, command_type, payload, Metadata(*metadata))
     return BatchItem(aggregate_type, command)
 
