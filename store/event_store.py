@@ -212,6 +212,14 @@ class EventStore:
         with self._read() as connection:
             return connection.execute(query).scalar() or 0
 
+    def stream_versions(self, streams: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Return the version of each (aggregate_type, aggregate_id) stream that has events.
+
+        Streams without events are left out.
+        """
+        with self._read() as connection:
+            return self._stream_versions(connection, list(streams))
+
     def find_commands(self, command_ids: Iterable[str]) -> dict[str, str]:
         """Return the recorded outcome ("appended" or "rejected") of each known id."""
         with self._read() as connection:
