@@ -28,6 +28,7 @@ from aggregates.errors import DomainError, InvalidCommandError
 from aggregates.lifespan import HIBERNATE, STOP, Answer, LifespanTimers, ask_lifespan
 from pipeline.config import JobConfig
 from pipeline.logs import configure_logging
+from pipeline.metrics import HostMetrics
 from pipeline.protocol import (
     APPENDED,
     DUPLICATE,
@@ -96,9 +97,12 @@ class AggregateHost:
         shards: Iterable[int] = (),
         clock: Callable[[], float] = time.monotonic,
         start_idle_thread: bool = True,
+        metrics: HostMetrics | None = None,
     ) -> None:
         configure_logging(host_id, config.log_level)
         self.host_id = host_id
+        # Records nothing unless this host runs as a Ray actor.
+        self._metrics = metrics if metrics is not None else HostMetrics(host_id, config.ray.namespace)
         self._config = config.hosts
         self._clock = clock
         self._registry = AggregateRegistry.from_config(config.aggregates)
@@ -124,6 +128,9 @@ class AggregateHost:
         self._over_budget_since: float | None = None
         self._busy: deque[tuple[float, float]] = deque()
         self.counters: Counter[str] = Counter()
+        # The commands, events, rejected, duplicates and loads of ``counters``
+        # again, keyed by (counter name, aggregate type).
+        self.counters_by_type: Counter[tuple[str, str]] = Counter()
         self.evictions: Counter[str] = Counter()
         self._stopping = threading.Event()
         if start_idle_thread:
@@ -145,9 +152,15 @@ class AggregateHost:
             self._last_batch_at = self._clock()
             results = self._execute_fenced(request)
             self._enforce_bounds()
+            self._record_metrics()
         elapsed = time.perf_counter() - started
         self._record_busy(elapsed)
         self.counters["batches"] += 1
+        self._metrics.record_batch(elapsed)
+        logger.debug(
+            "batch executed host=%s sender=%s epoch=%d commands=%d elapsed_s=%.4f",
+            self.host_id, request.sender_id, request.epoch, len(request.items), elapsed,
+        )
         return BatchResult(results, self.host_id, elapsed_s=elapsed)
 
     def set_shards(self, shards: Iterable[int]) -> int:
@@ -210,7 +223,12 @@ class AggregateHost:
             except StoreUnavailableError as error:
                 self.counters["store_failures"] += 1
                 self._drop_all(touched)
-                logger.warning("batch failed, store unavailable host=%s error=%s", self.host_id, error)
+                # One line without the traceback: the chained driver error can
+                # hold the statement's parameters, which are command payloads.
+                # The message names the store with its password masked.
+                logger.warning(
+                    "batch failed, store unavailable host=%s error=%s", self.host_id, error
+                )
                 return f"store unavailable: {error}"
         return reason
 
@@ -223,10 +241,12 @@ class AggregateHost:
     ) -> None:
         known = self._events.find_commands(items[i].command.command_id for i in owned)
         pending, seen = [], set(known)
+        duplicates: Counter[str] = Counter()
         for index in owned:
             command_id = items[index].command.command_id
             if command_id in seen:
                 results[index] = CommandResult(command_id, DUPLICATE)
+                duplicates[items[index].aggregate_type] += 1
             else:
                 seen.add(command_id)
                 pending.append(index)
@@ -244,7 +264,7 @@ class AggregateHost:
 
         for index, record in zip(pending, records, strict=True):
             results[index] = _result_of(record)
-        self._count(records)
+        self._count(records, duplicates)
         for key, answer in answers.items():
             self._after_durable(key, answer)
 
@@ -354,8 +374,11 @@ class AggregateHost:
         if self._over_budget_since is None:
             self._over_budget_since = time.time()
             logger.warning(
-                "host over memory budget, evicted least recently used host=%s rss=%d budget=%d evicted=%d",
+                "host over memory budget, evicted least recently used host=%s rss=%d "
+                "budget=%d evicted=%d; the controller recycles the host if it stays "
+                "over for recycle_after_s=%.0f",
                 self.host_id, rss, self._config.memory_budget_bytes, num_evict,
+                self._config.recycle_after_s,
             )
 
     def _evict_idle_loop(self) -> None:
@@ -368,6 +391,7 @@ class AggregateHost:
             expired = self._timers.pop_expired()
             for key in expired:
                 self._evict(key, EVICT_IDLE)  # type: ignore[arg-type]
+            self._record_metrics()
         return len(expired)
 
     # -- loading ---------------------------------------------------------------
@@ -380,18 +404,39 @@ class AggregateHost:
         to_load = [key for key in missing if key not in self._live]
         if not to_load:
             return
-        for key, live in zip(to_load, self._loader.map(self._load, to_load), strict=True):
+        # One query finds the streams that do not exist yet; those aggregates
+        # start empty without a snapshot lookup or an event read each.
+        versions = self._events.stream_versions(to_load)
+        for key in [key for key in to_load if not versions.get(key)]:
+            spec = self._registry.get(key[0])
+            self._live[key] = _Live(spec.cls(key[1]), spec, 0, self._clock())
+            self.counters["new_aggregates"] += 1
+        to_load = [key for key in to_load if versions.get(key)]
+        if not to_load:
+            return
+        # Counted here, in the batch's thread, rather than in the loader threads.
+        for key, (live, events_replayed) in zip(
+            to_load, self._loader.map(self._load, to_load), strict=True
+        ):
             self._live[key] = live
+            self.counters["loads"] += 1
+            self.counters["events_replayed"] += events_replayed
+            self.counters_by_type[("loads", key[0])] += 1
+            self._metrics.record_load(key[0], events_replayed)
 
-    def _load(self, key: Key) -> _Live:
+    def _load(self, key: Key) -> tuple[_Live, int]:
         spec = self._registry.get(key[0])
         loaded = load_aggregate(
             spec.cls, key[1], self._events, self._snapshots,
             page_size=self._page_size, snapshot_version=spec.snapshot_policy.snapshot_version,
         )
-        self.counters["loads"] += 1
-        self.counters["events_replayed"] += loaded.events_replayed
-        return _Live(loaded.aggregate, spec, loaded.snapshot_base, self._clock())
+        logger.debug(
+            "aggregate loaded host=%s aggregate=%s/%s version=%d snapshot_base=%d events_replayed=%d",
+            self.host_id, key[0], key[1], loaded.aggregate.version,
+            loaded.snapshot_base, loaded.events_replayed,
+        )
+        live = _Live(loaded.aggregate, spec, loaded.snapshot_base, self._clock())
+        return live, loaded.events_replayed
 
     def _restore(self, key: Key, data: bytes) -> _Live:
         spec = self._registry.get(key[0])
@@ -420,6 +465,7 @@ class AggregateHost:
             "idle_s": now - self._last_batch_at,
             "busy_fraction": self._busy_fraction(),
             "counters": dict(self.counters),
+            "counters_by_type": _by_type(self.counters_by_type),
             "evictions": dict(self.evictions),
             "snapshots_written": self._writer.num_written,
             "snapshots_failed": self._writer.num_failed,
@@ -474,13 +520,41 @@ class AggregateHost:
         busy = sum(elapsed for ended, elapsed in list(self._busy) if ended >= now - _BUSY_WINDOW_S)
         return min(1.0, busy / _BUSY_WINDOW_S)
 
-    def _count(self, records: list[CommandRecord]) -> None:
+    def _count(self, records: list[CommandRecord], duplicates: Counter[str]) -> None:
+        tally: Counter[tuple[str, str]] = Counter()
         for record in records:
             if record.rejection is not None:
-                self.counters["rejected"] += 1
+                tally[("rejected", record.aggregate_type)] += 1
             else:
-                self.counters["commands"] += 1
-                self.counters["events"] += len(record.events)
+                tally[("commands", record.aggregate_type)] += 1
+                tally[("events", record.aggregate_type)] += len(record.events)
+        for aggregate_type, count in duplicates.items():
+            tally[("duplicates", aggregate_type)] += count
+        for (name, aggregate_type), count in tally.items():
+            self.counters[name] += count
+            self.counters_by_type[(name, aggregate_type)] += count
+
+    def _record_metrics(self) -> None:
+        """Record counters as increments and, when due, the gauges; call under the lock."""
+        metrics = self._metrics
+        if not metrics.enabled:
+            return
+        writer = self._writer
+        metrics.record_counts(
+            self.counters_by_type, self.evictions, writer.num_written, writer.num_failed
+        )
+        if metrics.gauges_due():
+            live_by_type = Counter(key[0] for key in self._live)
+            rss = self._process.memory_info().rss
+            metrics.record_gauges(live_by_type, len(self._hibernated), rss)
+
+
+def _by_type(counters: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """Return ``{aggregate type: {counter name: total}}`` for status output."""
+    nested: dict[str, dict[str, int]] = {}
+    for (name, aggregate_type), total in list(counters.items()):
+        nested.setdefault(aggregate_type, {})[name] = total
+    return nested
 
 
 def _result_of(record: CommandRecord) -> CommandResult:

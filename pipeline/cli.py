@@ -107,7 +107,11 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline.status import collect_status, format_status
 
     config = load_job_config(args, {"ray": {"address": args.address}})
-    report = collect_status(config)
+    try:
+        report = collect_status(config)
+    except RuntimeError as error:
+        print(f"raysource: {error}", file=sys.stderr)
+        return 1
     output(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
     return 0
 

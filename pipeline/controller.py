@@ -20,6 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from pipeline.aggregate_host import AggregateHostActor
 from pipeline.config import JobConfig
 from pipeline.logs import configure_logging
+from pipeline.metrics import ControllerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Controller:
         self._next_host = 1
         self._history: deque[dict[str, Any]] = deque(maxlen=200)
         self.host_evictions: Counter[str] = Counter()
+        self._metrics = ControllerMetrics(config.ray.namespace)
         self._stopping = threading.Event()
         self._kill_stale_hosts()
         num_hosts = self._hosts_config.min_hosts
@@ -110,6 +112,10 @@ class Controller:
                 "host_evictions": dict(self.host_evictions),
                 "history": list(self._history),
             }
+
+    def get_config(self) -> JobConfig:
+        """Return the job's configuration, secrets included; mask them before output."""
+        return self._config
 
     def host_handles(self) -> dict[str, Any]:
         """Return the actor handle of every host by id."""
@@ -222,15 +228,25 @@ class Controller:
         shards = set(old.shards)
         status = old.status
         if reason == "recycled":
-            self.host_evictions["host_recycled"] += status.get("live_aggregates", 0)
+            num_live = status.get("live_aggregates", 0)
+            logger.info(
+                "host recycled host=%s rss=%s budget=%s live_aggregates=%d",
+                host_id, status.get("rss_bytes"), status.get("memory_budget_bytes"), num_live,
+            )
+            self.host_evictions["host_recycled"] += num_live
+            self._metrics.record_recycled(host_id, num_live)
             try:
                 self._set_shards(old, set())
             except (RayActorError, GetTimeoutError):
                 logger.warning("recycled host did not release its shards host=%s", host_id)
             _stop_actor(old.handle)
+        else:
+            logger.warning("host %s, replacing it host=%s shards=%d", reason, host_id, len(shards))
         new = self._start_host(shards)
         self._publish(
-            f"host {reason}", new.host_id, replaced=host_id, rss_bytes=status.get("rss_bytes")
+            f"host {reason}", new.host_id, replaced=host_id, rss_bytes=status.get("rss_bytes"),
+            memory_budget_bytes=status.get("memory_budget_bytes"),
+            live_aggregates=status.get("live_aggregates"),
         )
 
     def _retire(self, host_id: str) -> None:

@@ -2,6 +2,9 @@
 
 Samples go to ``samples.jsonl`` in the work folder, one JSON object a line,
 and feed the progress line, the summary, the demo's plot and the notebooks.
+Each sample contains the time, the job's live aggregates, memory, throughput and
+consumer lag, and the same per host (live aggregates, memory, commands per
+second, evictions) and per partition (lag, paused).
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class Sampler:
         self._label = label
         self._started = time.time()
         self._previous: tuple[float, int] | None = None
+        # Executed commands per host at the last sample, for per-host rates.
+        self._previous_hosts: dict[str, int] = {}
         self.peak_job_rss = 0
         self.peak_hosts_rss = 0
         self.peak_live = 0
@@ -89,6 +94,7 @@ class Sampler:
         rate = 0.0
         if self._previous is not None and now > self._previous[0]:
             rate = (durable - self._previous[1]) / (now - self._previous[0])
+        host_rates = self._host_rates(hosts, now)
         self._previous = (now, durable)
         live = sum(h.get("live_aggregates", 0) for h in hosts.values())
         hosts_rss = sum(h.get("rss_bytes", 0) for h in hosts.values())
@@ -104,11 +110,20 @@ class Sampler:
             "durable_commands": durable,
             "commands_per_s": rate,
             "lag": sum(_lag(status) for status in ingestors),
+            "lag_by_partition": _lag_by_partition(ingestors),
+            "paused_partitions": sum(
+                len(status.get("paused_partitions") or ()) for status in ingestors
+            ),
+            "held_commands": sum(s.get("held_commands", 0) for s in ingestors),
             "hosts": {
                 host_id: {
                     "live_aggregates": h.get("live_aggregates", 0),
+                    "hibernated_aggregates": h.get("hibernated_aggregates", 0),
                     "rss_bytes": h.get("rss_bytes", 0),
+                    "over_budget": h.get("over_budget_since") is not None,
                     "busy_fraction": h.get("busy_fraction", 0.0),
+                    "executed_commands": _executed(h),
+                    "commands_per_s": host_rates.get(host_id, 0.0),
                     "evictions": h.get("evictions", {}),
                 }
                 for host_id, h in hosts.items()
@@ -121,6 +136,23 @@ class Sampler:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(sample) + "\n")
         return sample
+
+    def _host_rates(
+        self, hosts: dict[str, dict[str, Any]], now: float
+    ) -> dict[str, float]:
+        """Return each host's executed commands per second since the last sample.
+
+        A host first seen in this sample (started or replaced since) gets 0.
+        """
+        elapsed = now - self._previous[0] if self._previous is not None else 0.0
+        rates = {}
+        for host_id, status in hosts.items():
+            executed = _executed(status)
+            before = self._previous_hosts.get(host_id)
+            is_known = before is not None and elapsed > 0 and executed >= before
+            rates[host_id] = (executed - before) / elapsed if is_known else 0.0
+        self._previous_hosts = {host_id: _executed(h) for host_id, h in hosts.items()}
+        return rates
 
 
 def evictions_by_reason(controller_status: dict[str, Any]) -> dict[str, int]:
@@ -144,6 +176,21 @@ def _gather(refs: list[Any]) -> list[dict[str, Any]]:
 
 def _durable(status: dict[str, Any]) -> int:
     return int(sum(status.get(key, 0) for key in ("appended", "rejected", "duplicates", "dead_letters")))
+
+
+def _executed(host_status: dict[str, Any]) -> int:
+    counters = host_status.get("counters", {})
+    names = ("commands", "rejected", "duplicates")
+    return int(sum(counters.get(name, 0) for name in names))
+
+
+def _lag_by_partition(ingestors: list[dict[str, Any]]) -> dict[str, int]:
+    lags: dict[str, int] = {}
+    for status in ingestors:
+        for partition, lag in (status.get("lag") or {}).items():
+            if isinstance(lag, (int, float)):
+                lags[partition] = int(lag)
+    return lags
 
 
 def _lag(status: dict[str, Any]) -> int:

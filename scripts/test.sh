@@ -92,8 +92,23 @@ ensure_postgres() {
     done
 }
 
+ensure_tmux() {
+    # The terminal test of `raysource top` drives it in tmux.
+    if command -v tmux >/dev/null 2>&1; then
+        return
+    fi
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing tmux for the terminal test of raysource top"
+        apt-get update -qq >/dev/null && apt-get install -y -qq tmux >/dev/null
+    else
+        log "tmux is missing and cannot be installed here; install it" \
+            "(Debian: apt-get install tmux) for the terminal test of raysource top"
+    fi
+}
+
 ensure_venv
 ensure_postgres
+ensure_tmux
 
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
