@@ -12,11 +12,14 @@ evaluated. May import ``aggregates`` and ``pipeline``; no Ray, no Kafka client.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aggregates.errors import InvalidCommandError
+from aggregates.messages import Command
 from pipeline.config import ConfigError, JobConfig
 from pipeline.protocol import BatchItem
 from pipeline.registry import AggregateRegistry, import_object
@@ -44,12 +47,39 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(msg)
 
 
+def _parse_finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        msg = f"number {_shorten(text, 40)} is out of the range of a double"
+        raise ValueError(msg)
+    return number
+
+
 # NaN and Infinity are not JSON (RFC 8259), though Python's parser accepts them.
-_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# A number such as 1e400 parses to infinity, which PostgreSQL's jsonb rejects.
+_JSON_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_parse_finite_float
+)
+
+# Nesting levels a command may have. Ray pickles every batch it sends to a host,
+# and the store encodes payloads as JSON; both recurse per level under Python's
+# recursion limit of 1,000 frames. A payload nested 500 levels deep already
+# failed to pickle (Python 3.11), which failed its whole batch at every resend.
+MAX_NESTING_DEPTH = 100
+
+# U+0000 cannot be stored in PostgreSQL text or jsonb, and a lone surrogate
+# cannot be encoded as UTF-8 for any database. Either would fail every append
+# of the batch that carries it, again at each resend, so such a record is
+# dead-lettered here. In JSON both can only arrive as \u escapes.
+_UNSTORABLE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
 
 
 class Decoder:
     """Turn Kafka records into BatchItems, validating them as a host would.
+
+    Records that no batch could carry to the store are rejected here too:
+    JSON nested deeper than ``MAX_NESTING_DEPTH``, numbers beyond a double, and
+    strings with U+0000 or an unpaired surrogate.
 
     A record key, when present, must equal the command's aggregate id, so that
     commands of one aggregate share a partition and keep their order. A null key
@@ -110,7 +140,19 @@ class Decoder:
             message = self._call_record_decoder(topic, key, value)
         if isinstance(message, DecodeFailure):
             return message
-        return self._build(message, topic, partition, offset, key)
+        is_custom = self._record_decoder is not None
+        # A JSON value with no more brackets than the limit cannot nest deeper,
+        # so only other values are walked.
+        brackets = 0 if value is None else value.count(b"[") + value.count(b"{")
+        if is_custom or brackets > MAX_NESTING_DEPTH:
+            if _is_nested_deeper(message, MAX_NESTING_DEPTH):
+                return DecodeFailure(
+                    f"value is nested deeper than {MAX_NESTING_DEPTH} levels",
+                    "value",
+                )
+        # Only a \u escape can put U+0000 or a surrogate into parsed JSON.
+        check_characters = is_custom or (value is not None and b"\\u" in value)
+        return self._build(message, topic, partition, offset, key, check_characters)
 
     def _call_record_decoder(
         self, topic: str, key: bytes | None, value: bytes | None
@@ -128,7 +170,13 @@ class Decoder:
             )
 
     def _build(
-        self, message: Any, topic: str, partition: int, offset: int, key: bytes | None
+        self,
+        message: Any,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        check_characters: bool,
     ) -> BatchItem | DecodeFailure:
         if not isinstance(message, dict):
             return DecodeFailure(
@@ -160,6 +208,14 @@ class Decoder:
             failure = _check_key(key, command.aggregate_id, spec.cls.id_field, message)
             if failure is not None:
                 return failure
+        if check_characters:
+            field = _unstorable_field(command, spec.cls.id_field)
+            if field is not None:
+                return DecodeFailure(
+                    f"{field} contains U+0000 or an unpaired surrogate, which "
+                    "the event store cannot store",
+                    field,
+                )
         return BatchItem(spec.name, command)
 
     def _unknown_type_reason(self, command_type: str) -> str:
@@ -212,6 +268,56 @@ def _check_key(
         f"{_shorten(aggregate_id)!r}",
         "key",
     )
+
+
+def _is_nested_deeper(value: Any, limit: int) -> bool:
+    """Return whether objects and arrays in ``value`` nest over ``limit`` levels."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def _unstorable_field(command: Command, id_field: str) -> str | None:
+    """Return the first field that contains U+0000 or a lone surrogate, or None."""
+    metadata = command.metadata
+    named = (
+        (id_field, command.aggregate_id),
+        ("metadata.command_id", metadata.command_id),
+        ("metadata.causation_id", metadata.causation_id),
+        ("metadata.correlation_id", metadata.correlation_id),
+    )
+    for name, text in named:
+        if text is not None and _UNSTORABLE_CHARACTER.search(text):
+            return name
+    return _unstorable_in("payload", command.payload)
+
+
+def _unstorable_in(path: str, value: Any) -> str | None:
+    if isinstance(value, str):
+        return path if _UNSTORABLE_CHARACTER.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _UNSTORABLE_CHARACTER.search(key):
+                return f"{path}.{key!r}"
+            found = _unstorable_in(f"{path}.{key}", item)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unstorable_in(f"{path}[{index}]", item)
+            if found is not None:
+                return found
+    return None
 
 
 def _shorten(text: str, limit: int = 100) -> str:

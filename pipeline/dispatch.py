@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from pipeline.controller import Assignment
+from pipeline.controller import CONTROLLER_NAME, Assignment
 from pipeline.protocol import (
     FAILED,
     BatchItem,
@@ -34,16 +34,47 @@ class DispatchError(Exception):
 
 
 class Router:
-    """Group commands by the host that owns their shard, from the controller's assignment."""
+    """Group commands by the host that owns their shard, per the controller.
 
-    def __init__(self, controller: Any) -> None:
+    With ``namespace``, a Router whose controller has died looks up the
+    controller now running under the same name in that namespace, so a
+    restarted controller is found without a new Router.
+    """
+
+    def __init__(self, controller: Any, namespace: str | None = None) -> None:
         self._controller = controller
+        self._namespace = namespace
         self.assignment: Assignment = ray.get(controller.get_assignment.remote())
 
     def refresh(self) -> Assignment:
-        """Fetch the controller's current assignment."""
-        self.assignment = ray.get(self._controller.get_assignment.remote())
+        """Fetch the current assignment from the controller.
+
+        Raises RayActorError when the controller is dead and no controller of
+        the same name runs in ``namespace`` (or no namespace was given).
+        """
+        try:
+            self.assignment = ray.get(self._controller.get_assignment.remote())
+        except RayActorError:
+            controller = self._find_controller()
+            if controller is None:
+                raise
+            self.assignment = ray.get(controller.get_assignment.remote())
+            self._controller = controller
+            logger.info(
+                "controller found again namespace=%s assignment_version=%d",
+                self._namespace,
+                self.assignment.version,
+            )
         return self.assignment
+
+    def _find_controller(self) -> Any:
+        """Return the controller running now in ``namespace``, or None."""
+        if self._namespace is None:
+            return None
+        try:
+            return ray.get_actor(CONTROLLER_NAME, namespace=self._namespace)
+        except ValueError:
+            return None
 
     def host_of(self, aggregate_type: str, aggregate_id: str) -> str:
         """Return the id of the host owning the aggregate's shard."""

@@ -97,7 +97,8 @@ class KafkaIngestor:
         self._metrics = IngestorMetrics(ingestor_id, config.ray.namespace)
         self._decoder = Decoder.from_config(config)
         self._store = EventStore(config.store.database_url)
-        self._router = Router(controller)
+        # The namespace lets the router find a restarted controller by name.
+        self._router = Router(controller, config.ray.namespace)
         self._tracker = OffsetTracker()
         self._lock = threading.RLock()
         self._stop_requested = threading.Event()

@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 # are shortened.
 _MAX_SEGMENT_LENGTH = 200
 _KEPT_PREFIX_LENGTH = 120
+_LOG_EVERY_READ_FAILURES = 100
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class SnapshotStore:
         self.fs, root = fsspec.core.url_to_fs(url, **options)
         self.root = root.rstrip("/")
         self._is_local = isinstance(self.fs, LocalFileSystem)
+        self.num_read_failures = 0
         if self._is_local:
             self.fs.makedirs(self.root, exist_ok=True)
 
@@ -121,9 +123,20 @@ class SnapshotStore:
     def load_latest(
         self, aggregate_type: str, aggregate_id: str, snapshot_version: int
     ) -> Snapshot | None:
-        """Return the newest readable snapshot in shape ``snapshot_version``, or None."""
+        """Return the newest readable snapshot in shape ``snapshot_version``, or None.
+
+        A store that cannot be reached counts as one with no readable
+        snapshot, so the caller replays the stream in place of failing.
+        """
         folder = self._folder(aggregate_type, aggregate_id, snapshot_version)
-        for version, path in sorted(self._paths(folder).items(), reverse=True):
+        try:
+            paths = self._paths(folder)
+        except Exception as error:
+            # Each fsspec backend raises errors of its own for an unreachable
+            # store (botocore's EndpointConnectionError for S3, for one).
+            self._warn_unreachable(folder, error)
+            return None
+        for version, path in sorted(paths.items(), reverse=True):
             snapshot = self._read(path, aggregate_type, aggregate_id, snapshot_version, version)
             if snapshot is not None:
                 return snapshot
@@ -181,6 +194,19 @@ class SnapshotStore:
         self.fs.pipe_file(temporary, data)
         self.fs.mv(temporary, path)
 
+    def _warn_unreachable(self, path: str, error: Exception) -> None:
+        """Log the first failed read and then one in 100; count every one."""
+        self.num_read_failures += 1
+        if self.num_read_failures % _LOG_EVERY_READ_FAILURES == 1:
+            logger.warning(
+                "snapshot store unreachable, loading without a snapshot path=%s "
+                "failures=%d error=%s: %s",
+                path,
+                self.num_read_failures,
+                type(error).__name__,
+                str(error)[:200],
+            )
+
     def _delete_older(self, snapshot: Snapshot, older: list[int]) -> None:
         folder = self._folder(snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version)
         paths = self._paths(folder)
@@ -206,12 +232,16 @@ class SnapshotStore:
     ) -> Snapshot | None:
         try:
             data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as error:
+            self._warn_unreachable(path, error)
+            return None
+        try:
             if path.endswith(".gz"):
                 data = gzip.decompress(data)
             document = json.loads(data)
             snapshot = _snapshot_from_document(document)
-        except FileNotFoundError:
-            return None
         except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
             logger.warning(
                 "snapshot unreadable, ignoring it path=%s error=%s", path, str(error)[:200]
