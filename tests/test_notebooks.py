@@ -148,12 +148,6 @@ def test_explore_events_runs(retail_parquet: Path, tmp_path: Path) -> None:
     assert (tmp_path / "explore" / "events.db").is_file()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not (REPO_ROOT / "pipeline" / "bench.py").exists(),
-    reason="pipeline/bench.py does not exist yet, and the notebook runs "
-    "`python -m pipeline bench --suite lifespans`",
-)
 def test_lifespans_and_memory_runs(tmp_path: Path) -> None:
     """The lifespans notebook runs the three variants at small scale and plots them."""
     out_dir = tmp_path / "bench"
