@@ -21,7 +21,14 @@ from aggregates.lifespan import (
     ask_lifespan,
     parse_answer,
 )
-from aggregates.messages import Command, CommandSchema, Event, Field, JsonObject, Metadata
+from aggregates.messages import (
+    Command,
+    CommandSchema,
+    Event,
+    Field,
+    JsonObject,
+    Metadata,
+)
 from aggregates.shop import Shop
 from aggregates.snapshot import DEFAULT_SNAPSHOT_POLICY, EveryNEvents, SnapshotPolicy
 

@@ -46,7 +46,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 _BOOKKEEPING = frozenset({"aggregate_id", "version"})
 
 
-def handles(command_type: str, fields: Mapping[str, Field] | None = None) -> Callable[[F], F]:
+def handles(
+    command_type: str, fields: Mapping[str, Field] | None = None
+) -> Callable[[F], F]:
     """Mark a method as the handler of ``command_type`` with its payload schema."""
 
     def mark(method: F) -> F:
@@ -111,7 +113,7 @@ class Aggregate:
 
     @classmethod
     def validate(cls, command: Command) -> None:
-        """Raise InvalidCommandError if the command's type or payload is not accepted."""
+        """Raise InvalidCommandError if the command's type or payload is invalid."""
         schema = cls.command_schemas.get(command.type)
         if schema is None:
             known = ", ".join(sorted(cls.command_schemas)) or "none"
@@ -135,7 +137,11 @@ class Aggregate:
         topic, partition and offset, and gives ``command_id`` when the object
         has none. Raises InvalidCommandError naming the field at fault.
         """
-        if isinstance(message, Mapping) and "payload" in message and "metadata" in message:
+        if (
+            isinstance(message, Mapping)
+            and "payload" in message
+            and "metadata" in message
+        ):
             command = Command.from_dict(message)
         else:
             command = _command_from_flat(cls, message, source or {})
@@ -143,7 +149,10 @@ class Aggregate:
         return command
 
     def execute(self, command: Command) -> list[Event]:
-        """Return the events ``command`` causes, or raise DomainError; change nothing."""
+        """Return the events ``command`` causes, or raise DomainError.
+
+        The aggregate itself is not changed.
+        """
         if command.aggregate_id != self.aggregate_id:
             msg = (
                 f"command {command.command_id} is for {command.aggregate_id!r}, "
@@ -197,13 +206,18 @@ class Aggregate:
         expected = set(self.snapshot_state())
         unknown = set(state) - expected
         if unknown:
-            msg = f"snapshot of {self.aggregate_type} has unknown fields: {sorted(unknown)}"
+            msg = (
+                f"snapshot of {self.aggregate_type} has unknown fields: "
+                f"{sorted(unknown)}"
+            )
             raise InvalidCommandError(msg, field=sorted(unknown)[0])
         for name, value in state.items():
             setattr(self, name, value)
 
     @classmethod
-    def from_snapshot(cls, aggregate_id: str, version: int, state: Mapping[str, Any]) -> Aggregate:
+    def from_snapshot(
+        cls, aggregate_id: str, version: int, state: Mapping[str, Any]
+    ) -> Aggregate:
         """Build an aggregate at ``version`` from its snapshot state."""
         aggregate = cls(aggregate_id)
         aggregate.restore_state(state)

@@ -22,7 +22,9 @@ class FoldResult:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
-def fold_commands(aggregate_type: type[Aggregate], commands: Iterable[Command]) -> FoldResult:
+def fold_commands(
+    aggregate_type: type[Aggregate], commands: Iterable[Command]
+) -> FoldResult:
     """Execute and apply each command in order, skipping command ids seen before."""
     result = FoldResult()
     seen: set[str] = set()

@@ -87,8 +87,8 @@ def parse_answer(text: str | int | float, setting: str = "lifespan") -> Answer:
     match = _DURATION.match(lowered)
     if match is None:
         msg = (
-            f"{setting} = {text!r} is invalid: expected \"stop\", \"infinity\", "
-            "\"hibernate\" or a duration such as \"250ms\", \"60s\", \"5m\" or \"1h\""
+            f'{setting} = {text!r} is invalid: expected "stop", "infinity", '
+            '"hibernate" or a duration such as "250ms", "60s", "5m" or "1h"'
         )
         raise ValueError(msg)
     number, unit = match.groups()
@@ -124,7 +124,9 @@ class RuleLifespan:
         return self.on_error
 
     @classmethod
-    def from_config(cls, table: Mapping[str, Any], setting: str = "lifespan") -> RuleLifespan:
+    def from_config(
+        cls, table: Mapping[str, Any], setting: str = "lifespan"
+    ) -> RuleLifespan:
         """Build from ``after_event``, ``after_command`` and ``after_error`` keys.
 
         Missing keys keep the default idle timeout of 60 seconds; an unknown key
@@ -154,7 +156,9 @@ class RuleLifespan:
         }
 
 
-def _parse_key(table: Mapping[str, Any], key: str, default: Answer, setting: str) -> Answer:
+def _parse_key(
+    table: Mapping[str, Any], key: str, default: Answer, setting: str
+) -> Answer:
     if key not in table:
         return default
     return parse_answer(table[key], f"{setting}.{key}")

@@ -54,7 +54,9 @@ class Metadata:
                 raise InvalidCommandError(msg, field=f"metadata.{name}")
         for name in ("partition", "offset"):
             value = data.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
                 msg = f"metadata.{name} must be an integer, got {type(value).__name__}"
                 raise InvalidCommandError(msg, field=f"metadata.{name}")
         return cls(

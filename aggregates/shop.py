@@ -40,14 +40,18 @@ class Shop(Aggregate):
     def place_order(self, command: Command) -> list[NewEvent]:
         order_id = command.payload["order_id"]
         if order_id in self.open_orders:
-            raise reject(f"order {order_id} is already open")
+            msg = f"order {order_id} is already open"
+            raise reject(msg)
         _validate_items(command.payload["items"])
         return [("OrderPlaced", dict(command.payload))]
 
     @handles("FulfillOrder", {"order_id": Field(str, max_length=MAX_ORDER_ID_LENGTH)})
     def fulfill_order(self, command: Command) -> list[NewEvent]:
         order = self._open_order(command.payload["order_id"])
-        payload = {"order_id": command.payload["order_id"], "amount_cents": order["amount_cents"]}
+        payload = {
+            "order_id": command.payload["order_id"],
+            "amount_cents": order["amount_cents"],
+        }
         return [("OrderFulfilled", payload)]
 
     @handles("CancelOrder", {"order_id": Field(str, max_length=MAX_ORDER_ID_LENGTH)})
@@ -57,7 +61,11 @@ class Shop(Aggregate):
 
     @applies("OrderPlaced")
     def _order_placed(self, payload: JsonObject) -> None:
-        order = {key: value for key, value in payload.items() if key not in ("shop_id", "order_id")}
+        order = {
+            key: value
+            for key, value in payload.items()
+            if key not in ("shop_id", "order_id")
+        }
         self.open_orders[payload["order_id"]] = order
         self.orders_placed += 1
 
@@ -75,14 +83,17 @@ class Shop(Aggregate):
     def _open_order(self, order_id: str) -> JsonObject:
         order = self.open_orders.get(order_id)
         if order is None:
-            raise reject(f"order {order_id} is not open in shop {self.aggregate_id}")
+            msg = f"order {order_id} is not open in shop {self.aggregate_id}"
+            raise reject(msg)
         return order
 
 
 def _validate_items(items: list[Any]) -> None:
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise reject(f"items[{index}] must be an object with sku, qty and price_cents")
+            msg = f"items[{index}] must be an object with sku, qty and price_cents"
+            raise reject(msg)
         qty = item.get("qty")
         if isinstance(qty, bool) or not isinstance(qty, int) or qty < 1:
-            raise reject(f"items[{index}].qty must be a positive integer, got {qty!r}")
+            msg = f"items[{index}].qty must be a positive integer, got {qty!r}"
+            raise reject(msg)

@@ -43,10 +43,15 @@ class EveryNEvents:
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 0:
-            msg = f"snapshot_every = {self.snapshot_every} is invalid: use 0 (off) or more"
+            msg = (
+                f"snapshot_every = {self.snapshot_every} is invalid: "
+                "use 0 (off) or more"
+            )
             raise ValueError(msg)
         if self.snapshot_version < 1:
-            msg = f"snapshot_version = {self.snapshot_version} is invalid: use 1 or more"
+            msg = (
+                f"snapshot_version = {self.snapshot_version} is invalid: use 1 or more"
+            )
             raise ValueError(msg)
 
     def is_due(self, base_version: int, version: int) -> bool:

@@ -60,11 +60,15 @@ def generate_commands(
         )
         raise ValueError(msg)
     rng = random.Random(seed)
-    cum_weights = list(itertools.accumulate(r**-ZIPF_EXPONENT for r in range(1, num_shops + 1)))
+    cum_weights = list(
+        itertools.accumulate(r**-ZIPF_EXPONENT for r in range(1, num_shops + 1))
+    )
     ranks = range(1, num_shops + 1)
     # One random text twice as long as a note; each note is a slice of it, so
     # notes differ without paying for fresh random bytes per command.
-    text = "".join(rng.choices(string.ascii_letters + string.digits, k=max(2 * note_bytes, 1)))
+    text = "".join(
+        rng.choices(string.ascii_letters + string.digits, k=max(2 * note_bytes, 1))
+    )
     open_orders: dict[int, deque[str]] = {}
     serial = 0
 
@@ -98,7 +102,12 @@ def _next_command(
     else:
         command_type = rng.choice(("FulfillOrder", "CancelOrder"))
         order_id = f"missing-{serial:09d}"
-    return {"type": command_type, "shop_id": shop, "order_id": order_id, "command_id": command_id}
+    return {
+        "type": command_type,
+        "shop_id": shop,
+        "order_id": order_id,
+        "command_id": command_id,
+    }
 
 
 def _place(
@@ -113,8 +122,11 @@ def _place(
     order_id = f"ord-{serial:09d}"
     orders.append(order_id)
     items = [
-        {"sku": f"sku-{rng.randrange(10_000):05d}", "qty": rng.randint(1, 5),
-         "price_cents": rng.randint(100, 20_000)}
+        {
+            "sku": f"sku-{rng.randrange(10_000):05d}",
+            "qty": rng.randint(1, 5),
+            "price_cents": rng.randint(100, 20_000),
+        }
         for _ in range(rng.randint(1, 5))
     ]
     offset = serial % max(note_bytes, 1)

@@ -102,7 +102,11 @@ class AggregateHost:
         configure_logging(host_id, config.log_level)
         self.host_id = host_id
         # Records nothing unless this host runs as a Ray actor.
-        self._metrics = metrics if metrics is not None else HostMetrics(host_id, config.ray.namespace)
+        self._metrics = (
+            metrics
+            if metrics is not None
+            else HostMetrics(host_id, config.ray.namespace)
+        )
         self._config = config.hosts
         self._clock = clock
         self._registry = AggregateRegistry.from_config(config.aggregates)
@@ -134,8 +138,15 @@ class AggregateHost:
         self.evictions: Counter[str] = Counter()
         self._stopping = threading.Event()
         if start_idle_thread:
-            threading.Thread(target=self._evict_idle_loop, name="idle", daemon=True).start()
-        logger.info("host started host=%s pid=%d shards=%d", host_id, os.getpid(), len(self._shards))
+            threading.Thread(
+                target=self._evict_idle_loop, name="idle", daemon=True
+            ).start()
+        logger.info(
+            "host started host=%s pid=%d shards=%d",
+            host_id,
+            os.getpid(),
+            len(self._shards),
+        )
 
     # -- commands --------------------------------------------------------------
 
@@ -159,7 +170,11 @@ class AggregateHost:
         self._metrics.record_batch(elapsed)
         logger.debug(
             "batch executed host=%s sender=%s epoch=%d commands=%d elapsed_s=%.4f",
-            self.host_id, request.sender_id, request.epoch, len(request.items), elapsed,
+            self.host_id,
+            request.sender_id,
+            request.epoch,
+            len(request.items),
+            elapsed,
         )
         return BatchResult(results, self.host_id, elapsed_s=elapsed)
 
@@ -173,27 +188,41 @@ class AggregateHost:
             self._shards = set(shards)
             num_shards = self._config.num_shards
             moved = [
-                key for key in list(self._live) + list(self._hibernated)
+                key
+                for key in list(self._live) + list(self._hibernated)
                 if shard_of(key[0], key[1], num_shards) not in self._shards
             ]
             for key in moved:
                 self._evict(key, EVICT_SHARD_MOVED)
-        logger.info("shards set host=%s shards=%d dropped=%d", self.host_id, len(self._shards), len(moved))
+        logger.info(
+            "shards set host=%s shards=%d dropped=%d",
+            self.host_id,
+            len(self._shards),
+            len(moved),
+        )
         return len(moved)
 
     def _execute_fenced(self, request: BatchRequest) -> list[CommandResult]:
         results: list[CommandResult | None] = [None] * len(request.items)
         blocked_epoch = self._blocked_senders.get(request.sender_id)
         if blocked_epoch is not None and request.epoch <= blocked_epoch:
-            reason = "an earlier batch from this sender failed; resend with a higher epoch"
-            return [CommandResult(i.command.command_id, FAILED, reason=reason) for i in request.items]
+            reason = (
+                "an earlier batch from this sender failed; resend with a higher epoch"
+            )
+            return [
+                CommandResult(i.command.command_id, FAILED, reason=reason)
+                for i in request.items
+            ]
         self._blocked_senders.pop(request.sender_id, None)
 
         owned = []
         num_shards = self._config.num_shards
         for index, item in enumerate(request.items):
             command = item.command
-            if shard_of(item.aggregate_type, command.aggregate_id, num_shards) in self._shards:
+            if (
+                shard_of(item.aggregate_type, command.aggregate_id, num_shards)
+                in self._shards
+            ):
                 owned.append(index)
             else:
                 results[index] = CommandResult(command.command_id, NOT_OWNER)
@@ -204,11 +233,16 @@ class AggregateHost:
             self._blocked_senders[request.sender_id] = request.epoch
             for index in owned:
                 if results[index] is None:
-                    results[index] = CommandResult(request.items[index].command.command_id, FAILED, reason=reason)
+                    results[index] = CommandResult(
+                        request.items[index].command.command_id, FAILED, reason=reason
+                    )
         return [r for r in results if r is not None]
 
     def _execute_with_retries(
-        self, items: list[BatchItem], owned: list[int], results: list[CommandResult | None]
+        self,
+        items: list[BatchItem],
+        owned: list[int],
+        results: list[CommandResult | None],
     ) -> str | None:
         for attempt in range(self._config.max_conflict_retries + 1):
             touched: set[Key] = set()
@@ -218,8 +252,16 @@ class AggregateHost:
             except (VersionConflictError, _Conflict) as error:
                 self.counters["version_conflicts"] += 1
                 self._drop_all(touched)
-                logger.info("version conflict, reloading host=%s attempt=%d error=%s", self.host_id, attempt + 1, error)
-                reason = f"version conflicts outlasted {self._config.max_conflict_retries} retries"
+                logger.info(
+                    "version conflict, reloading host=%s attempt=%d error=%s",
+                    self.host_id,
+                    attempt + 1,
+                    error,
+                )
+                reason = (
+                    "version conflicts outlasted "
+                    f"{self._config.max_conflict_retries} retries"
+                )
             except StoreUnavailableError as error:
                 self.counters["store_failures"] += 1
                 self._drop_all(touched)
@@ -227,7 +269,9 @@ class AggregateHost:
                 # hold the statement's parameters, which are command payloads.
                 # The message names the store with its password masked.
                 logger.warning(
-                    "batch failed, store unavailable host=%s error=%s", self.host_id, error
+                    "batch failed, store unavailable host=%s error=%s",
+                    self.host_id,
+                    error,
                 )
                 return f"store unavailable: {error}"
         return reason
@@ -250,7 +294,9 @@ class AggregateHost:
             else:
                 seen.add(command_id)
                 pending.append(index)
-        self._ensure_live({(items[i].aggregate_type, items[i].command.aggregate_id) for i in pending})
+        self._ensure_live(
+            {(items[i].aggregate_type, items[i].command.aggregate_id) for i in pending}
+        )
 
         records, answers = [], {}
         for index in pending:
@@ -260,7 +306,8 @@ class AggregateHost:
         if records:
             appended = self._events.append(records)
             if appended.duplicates:
-                raise _Conflict(f"{len(appended.duplicates)} command ids were recorded meanwhile")
+                msg = f"{len(appended.duplicates)} command ids were recorded meanwhile"
+                raise _Conflict(msg)
 
         for index, record in zip(pending, records, strict=True):
             results[index] = _result_of(record)
@@ -268,7 +315,9 @@ class AggregateHost:
         for key, answer in answers.items():
             self._after_durable(key, answer)
 
-    def _execute_command(self, item: BatchItem, touched: set[Key]) -> tuple[CommandRecord, Answer]:
+    def _execute_command(
+        self, item: BatchItem, touched: set[Key]
+    ) -> tuple[CommandRecord, Answer]:
         command = item.command
         key = (item.aggregate_type, command.aggregate_id)
         live = self._live[key]
@@ -288,7 +337,9 @@ class AggregateHost:
                 # A bug in aggregate code fails this command only.
                 logger.exception(
                     "aggregate code raised aggregate=%s/%s command=%s",
-                    key[0], key[1], command.command_id,
+                    key[0],
+                    key[1],
+                    command.command_id,
                 )
                 error = failure
         if error is None:
@@ -300,12 +351,17 @@ class AggregateHost:
                 # the batch from the store so that no one sees that state.
                 logger.exception(
                     "applying an event raised aggregate=%s/%s command=%s",
-                    key[0], key[1], command.command_id,
+                    key[0],
+                    key[1],
+                    command.command_id,
                 )
                 self._poisoned[command.command_id] = failure
-                raise _Conflict(f"command {command.command_id} could not be applied") from failure
+                msg = f"command {command.command_id} could not be applied"
+                raise _Conflict(msg) from failure
         if error is not None:
-            record = CommandRecord(command.command_id, key[0], key[1], version, (), _reason(error))
+            record = CommandRecord(
+                command.command_id, key[0], key[1], version, (), _reason(error)
+            )
             return record, ask_lifespan(live.spec.lifespan, [], command, error)
         record = CommandRecord(command.command_id, key[0], key[1], version, events)
         return record, ask_lifespan(live.spec.lifespan, events, command, None)
@@ -334,7 +390,10 @@ class AggregateHost:
         live.snapshot_base = aggregate.version
 
     def _evict(self, key: Key, reason: str) -> None:
-        """Remove a durable aggregate from memory, snapshotting it first if one is due."""
+        """Remove a durable aggregate from memory.
+
+        The aggregate is snapshotted first if a snapshot is due.
+        """
         self._timers.forget(key)
         live = self._live.pop(key, None)
         if live is None:
@@ -377,7 +436,10 @@ class AggregateHost:
                 "host over memory budget, evicted least recently used host=%s rss=%d "
                 "budget=%d evicted=%d; the controller recycles the host if it stays "
                 "over for recycle_after_s=%.0f",
-                self.host_id, rss, self._config.memory_budget_bytes, num_evict,
+                self.host_id,
+                rss,
+                self._config.memory_budget_bytes,
+                num_evict,
                 self._config.recycle_after_s,
             )
 
@@ -427,13 +489,22 @@ class AggregateHost:
     def _load(self, key: Key) -> tuple[_Live, int]:
         spec = self._registry.get(key[0])
         loaded = load_aggregate(
-            spec.cls, key[1], self._events, self._snapshots,
-            page_size=self._page_size, snapshot_version=spec.snapshot_policy.snapshot_version,
+            spec.cls,
+            key[1],
+            self._events,
+            self._snapshots,
+            page_size=self._page_size,
+            snapshot_version=spec.snapshot_policy.snapshot_version,
         )
         logger.debug(
-            "aggregate loaded host=%s aggregate=%s/%s version=%d snapshot_base=%d events_replayed=%d",
-            self.host_id, key[0], key[1], loaded.aggregate.version,
-            loaded.snapshot_base, loaded.events_replayed,
+            "aggregate loaded host=%s aggregate=%s/%s version=%d snapshot_base=%d "
+            "events_replayed=%d",
+            self.host_id,
+            key[0],
+            key[1],
+            loaded.aggregate.version,
+            loaded.snapshot_base,
+            loaded.events_replayed,
         )
         live = _Live(loaded.aggregate, spec, loaded.snapshot_base, self._clock())
         return live, loaded.events_replayed
@@ -441,7 +512,9 @@ class AggregateHost:
     def _restore(self, key: Key, data: bytes) -> _Live:
         spec = self._registry.get(key[0])
         document = json.loads(zlib.decompress(data))
-        aggregate = spec.cls.from_snapshot(key[1], document["version"], document["state"])
+        aggregate = spec.cls.from_snapshot(
+            key[1], document["version"], document["state"]
+        )
         self.counters["restores"] += 1
         return _Live(aggregate, spec, document["base"], self._clock())
 
@@ -473,7 +546,9 @@ class AggregateHost:
             "snapshots_queued": self._writer.num_queued,
         }
 
-    def top_aggregates(self, limit: int = 10, sample: int = 2000) -> list[dict[str, Any]]:
+    def top_aggregates(
+        self, limit: int = 10, sample: int = 2000
+    ) -> list[dict[str, Any]]:
         """Return the live aggregates holding the most memory, largest first.
 
         Sizes are estimates (a recursive sys.getsizeof of the state). Only the
@@ -484,13 +559,15 @@ class AggregateHost:
         candidates = list(self._live.items())[-sample:]
         rows = []
         for key, live in candidates:
-            rows.append({
-                "aggregate_type": key[0],
-                "aggregate_id": key[1],
-                "version": live.aggregate.version,
-                "estimated_bytes": _deep_size(live.aggregate.__dict__),
-                "idle_s": now - live.last_command_at,
-            })
+            rows.append(
+                {
+                    "aggregate_type": key[0],
+                    "aggregate_id": key[1],
+                    "version": live.aggregate.version,
+                    "estimated_bytes": _deep_size(live.aggregate.__dict__),
+                    "idle_s": now - live.last_command_at,
+                }
+            )
         rows.sort(key=lambda row: row["estimated_bytes"], reverse=True)
         return rows[:limit]
 
@@ -517,7 +594,11 @@ class AggregateHost:
 
     def _busy_fraction(self) -> float:
         now = time.monotonic()
-        busy = sum(elapsed for ended, elapsed in list(self._busy) if ended >= now - _BUSY_WINDOW_S)
+        busy = sum(
+            elapsed
+            for ended, elapsed in list(self._busy)
+            if ended >= now - _BUSY_WINDOW_S
+        )
         return min(1.0, busy / _BUSY_WINDOW_S)
 
     def _count(self, records: list[CommandRecord], duplicates: Counter[str]) -> None:
@@ -535,7 +616,10 @@ class AggregateHost:
             self.counters_by_type[(name, aggregate_type)] += count
 
     def _record_metrics(self) -> None:
-        """Record counters as increments and, when due, the gauges; call under the lock."""
+        """Record counters as increments and, when due, the gauges.
+
+        Call it while holding ``self._lock``.
+        """
         metrics = self._metrics
         if not metrics.enabled:
             return
@@ -572,8 +656,11 @@ def _reason(error: Exception) -> str:
 
 
 def _hibernate(live: _Live) -> bytes:
-    document = {"version": live.aggregate.version, "base": live.snapshot_base,
-                "state": live.aggregate.snapshot_state()}
+    document = {
+        "version": live.aggregate.version,
+        "base": live.snapshot_base,
+        "state": live.aggregate.snapshot_state(),
+    }
     return zlib.compress(json.dumps(document, separators=(",", ":")).encode(), 1)
 
 
@@ -603,6 +690,10 @@ def _node_id() -> str | None:
 # The actor: batches and shard changes in the default group (one at a time, in
 # arrival order); read-only calls in their own group so they answer during a batch.
 for _name in ("status", "top_aggregates", "ping", "flush_snapshots"):
-    setattr(AggregateHost, _name, ray.method(concurrency_group="status")(getattr(AggregateHost, _name)))
+    setattr(
+        AggregateHost,
+        _name,
+        ray.method(concurrency_group="status")(getattr(AggregateHost, _name)),
+    )
 
 AggregateHostActor = ray.remote(concurrency_groups={"status": 2})(AggregateHost)

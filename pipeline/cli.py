@@ -40,14 +40,17 @@ def output(text: str = "", *, end: str = "\n") -> None:
     sys.stdout.flush()
 
 
-def load_job_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> JobConfig:
+def load_job_config(
+    args: argparse.Namespace, overrides: dict[str, Any] | None = None
+) -> JobConfig:
     """Load --config (if given) with overrides from other options."""
     return load_config(getattr(args, "config", None), overrides)
 
 
 def check_imports(config: JobConfig) -> None:
-    """Import every class and callable the configuration names; ConfigError if one fails.
+    """Import every class and callable that the configuration names.
 
+    A failed import raises ConfigError.
     Done before anything starts, so a wrong import path stops the job at once
     instead of failing inside an actor.
     """
@@ -59,8 +62,9 @@ def check_imports(config: JobConfig) -> None:
 
 
 def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
-    """Set ``stop`` (a new event if None) on the first SIGINT or SIGTERM; exit on a second.
+    """Set ``stop`` on the first SIGINT or SIGTERM, and exit on a second signal.
 
+    A new event is created and returned when ``stop`` is None.
     Call it again after ``ray.init``: Ray installs its own SIGTERM handler in
     the driver, which would end the process without committing.
     """
@@ -69,8 +73,10 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     def handle(signum: int, _frame: Any) -> None:
         if event.is_set():
             raise SystemExit(128 + signum)
-        output(f"\nraysource: {signal.Signals(signum).name} received, stopping after "
-               "durable commands are committed (send again to exit at once)")
+        output(
+            f"\nraysource: {signal.Signals(signum).name} received, stopping after "
+            "durable commands are committed (send again to exit at once)"
+        )
         event.set()
 
     signal.signal(signal.SIGINT, handle)
@@ -112,7 +118,11 @@ def _status(args: argparse.Namespace) -> int:
     except RuntimeError as error:
         print(f"raysource: {error}", file=sys.stderr)
         return 1
-    output(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
+    output(
+        json.dumps(report, indent=2, default=str)
+        if args.json
+        else format_status(report)
+    )
     return 0
 
 
@@ -138,10 +148,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the streaming job until SIGINT or SIGTERM")
-    run.add_argument("--config", required=True, metavar="FILE",
-                     help="TOML configuration file (see 'raysource config' for every setting)")
-    run.add_argument("--work-dir", metavar="DIR", help="folder for samples and run files (overrides work_dir)")
+    run = commands.add_parser(
+        "run", help="run the streaming job until SIGINT or SIGTERM"
+    )
+    run.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="TOML configuration file (see 'raysource config' for every setting)",
+    )
+    run.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="folder for samples and run files (overrides work_dir)",
+    )
     run.set_defaults(handler=_run)
 
     demo = commands.add_parser(
@@ -149,28 +169,64 @@ def _parser() -> argparse.ArgumentParser:
         help="run the job on embedded defaults: a local broker, Ray, SQLite and "
         "snapshot folder, fed with real data",
     )
-    demo.add_argument("--work-dir", default="raysource-demo", metavar="DIR",
-                      help="folder for the event store, snapshots, samples and logs (default: %(default)s)")
-    demo.add_argument("--input", metavar="FILE",
-                      help="Parquet, CSV or JSON-lines file to load instead of the 2013 New York flights")
-    demo.add_argument("--mapping", metavar="NAME",
-                      help="row-to-command mapping for --input: flights, retail, shop, or "
-                      "'module:function' (default: guessed from the file name)")
-    demo.add_argument("--limit", type=int, metavar="ROWS", help="read only the first ROWS rows")
-    demo.add_argument("--config", metavar="FILE", help="TOML file overriding the demo's settings")
-    demo.add_argument("--num-ingestors", type=int, metavar="N", help="KafkaIngestor actors (default 1)")
-    demo.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
-                      help="give up if the topic is not drained after this long (default: %(default)s)")
+    demo.add_argument(
+        "--work-dir",
+        default="raysource-demo",
+        metavar="DIR",
+        help="folder for the event store, snapshots, samples and logs "
+        "(default: %(default)s)",
+    )
+    demo.add_argument(
+        "--input",
+        metavar="FILE",
+        help="Parquet, CSV or JSON-lines file to load instead of the 2013 "
+        "New York flights",
+    )
+    demo.add_argument(
+        "--mapping",
+        metavar="NAME",
+        help="row-to-command mapping for --input: flights, retail, shop, or "
+        "'module:function' (default: guessed from the file name)",
+    )
+    demo.add_argument(
+        "--limit", type=int, metavar="ROWS", help="read only the first ROWS rows"
+    )
+    demo.add_argument(
+        "--config", metavar="FILE", help="TOML file overriding the demo's settings"
+    )
+    demo.add_argument(
+        "--num-ingestors",
+        type=int,
+        metavar="N",
+        help="KafkaIngestor actors (default 1)",
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="give up if the topic is not drained after this long "
+        "(default: %(default)s)",
+    )
     demo.set_defaults(handler=_demo)
 
     status = commands.add_parser("status", help="print what a running job is doing")
-    status.add_argument("--config", metavar="FILE", help="the job's configuration (for its namespace and Kafka group)")
-    status.add_argument("--address", default="auto",
-                        help="Ray address of the running job (default: %(default)s, the local cluster)")
+    status.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the job's configuration (for its namespace and Kafka group)",
+    )
+    status.add_argument(
+        "--address",
+        default="auto",
+        help="Ray address of the running job (default: %(default)s, the local cluster)",
+    )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(handler=_status)
 
-    config = commands.add_parser("config", help="list every setting with its default, or check a file")
+    config = commands.add_parser(
+        "config", help="list every setting with its default, or check a file"
+    )
     config.add_argument("--check", metavar="FILE", help="validate FILE and exit")
     config.set_defaults(handler=_config)
 

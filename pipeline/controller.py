@@ -83,7 +83,12 @@ class Controller:
         for shards in shards_per_host:
             self._start_host(shards)
         self._version = 1
-        logger.info("assignment published version=%d hosts=%d shards=%d", self._version, num_hosts, num_shards)
+        logger.info(
+            "assignment published version=%d hosts=%d shards=%d",
+            self._version,
+            num_hosts,
+            num_shards,
+        )
         if start_loop:
             threading.Thread(target=self._loop, name="reconcile", daemon=True).start()
 
@@ -100,13 +105,17 @@ class Controller:
             return Assignment(self._version, shard_hosts, handles)
 
     def status(self) -> dict[str, Any]:
-        """Return the assignment version, each host's last status and recent decisions."""
+        """Return the assignment version, last status per host and recent decisions."""
         with self._lock:
             return {
                 "assignment_version": self._version,
                 "num_shards": self._hosts_config.num_shards,
                 "hosts": {
-                    host_id: {**host.status, "shards": len(host.shards), "started_at": host.started_at}
+                    host_id: {
+                        **host.status,
+                        "shards": len(host.shards),
+                        "started_at": host.started_at,
+                    }
                     for host_id, host in self._hosts.items()
                 },
                 "host_evictions": dict(self.host_evictions),
@@ -128,8 +137,12 @@ class Controller:
         """Run one tick: refresh statuses, replace dead hosts, recycle, scale."""
         started = time.monotonic()
         with self._lock:
-            for step in (self._refresh_statuses, self._recycle_over_budget,
-                         self._scale_up, self._scale_down):
+            for step in (
+                self._refresh_statuses,
+                self._recycle_over_budget,
+                self._scale_up,
+                self._scale_down,
+            ):
                 try:
                     step()
                 except Exception:
@@ -137,7 +150,8 @@ class Controller:
         elapsed = time.monotonic() - started
         if elapsed > _SLOW_TICK_S:
             logger.warning(
-                "reconcile tick slow elapsed_s=%.1f; hosts may be overloaded or starting",
+                "reconcile tick slow elapsed_s=%.1f; "
+                "hosts may be overloaded or starting",
                 elapsed,
             )
 
@@ -146,7 +160,10 @@ class Controller:
             self.reconcile()
 
     def _refresh_statuses(self) -> None:
-        refs = {host_id: host.handle.status.remote() for host_id, host in self._hosts.items()}
+        refs = {
+            host_id: host.handle.status.remote()
+            for host_id, host in self._hosts.items()
+        }
         for host_id, ref in refs.items():
             try:
                 self._hosts[host_id].status = ray.get(ref, timeout=_STATUS_TIMEOUT_S)
@@ -167,12 +184,16 @@ class Controller:
         if len(hosts) >= self._hosts_config.max_hosts or not hosts:
             return
         threshold = self._hosts_config.saturation_fraction
-        if not all(host.status.get("busy_fraction", 0.0) >= threshold for host in hosts):
+        if not all(
+            host.status.get("busy_fraction", 0.0) >= threshold for host in hosts
+        ):
             return
         share = self._hosts_config.num_shards // (len(hosts) + 1)
         moved: set[int] = set()
         for host in sorted(hosts, key=lambda h: -len(h.shards)):
-            take = sorted(host.shards)[: max(0, len(host.shards) - share)][: share - len(moved)]
+            take = sorted(host.shards)[: max(0, len(host.shards) - share)][
+                : share - len(moved)
+            ]
             if take:
                 self._set_shards(host, host.shards - set(take))
                 moved.update(take)
@@ -184,8 +205,14 @@ class Controller:
             return
         for host_id, host in list(self._hosts.items()):
             status = host.status
-            is_empty = status.get("live_aggregates", 1) == 0 and status.get("hibernated_aggregates", 1) == 0
-            if is_empty and status.get("idle_s", 0.0) >= self._hosts_config.idle_timeout_s:
+            is_empty = (
+                status.get("live_aggregates", 1) == 0
+                and status.get("hibernated_aggregates", 1) == 0
+            )
+            if (
+                is_empty
+                and status.get("idle_s", 0.0) >= self._hosts_config.idle_timeout_s
+            ):
                 self._retire(host_id)
                 return
 
@@ -195,7 +222,9 @@ class Controller:
         host_id = f"host-{self._next_host}"
         self._next_host += 1
         options = self._host_options(host_id)
-        handle = AggregateHostActor.options(**options).remote(host_id, self._config, sorted(shards))
+        handle = AggregateHostActor.options(**options).remote(
+            host_id, self._config, sorted(shards)
+        )
         ray.get(handle.ping.remote(), timeout=_HOST_START_TIMEOUT_S)
         host = _Host(host_id, handle, set(shards))
         self._hosts[host_id] = host
@@ -219,7 +248,9 @@ class Controller:
 
     def _set_shards(self, host: _Host, shards: set[int]) -> None:
         # Runs after the batches already queued at the host: the fence of a move.
-        ray.get(host.handle.set_shards.remote(sorted(shards)), timeout=_HOST_START_TIMEOUT_S)
+        ray.get(
+            host.handle.set_shards.remote(sorted(shards)), timeout=_HOST_START_TIMEOUT_S
+        )
         host.shards = set(shards)
 
     def _replace(self, host_id: str, reason: str) -> None:
@@ -231,20 +262,30 @@ class Controller:
             num_live = status.get("live_aggregates", 0)
             logger.info(
                 "host recycled host=%s rss=%s budget=%s live_aggregates=%d",
-                host_id, status.get("rss_bytes"), status.get("memory_budget_bytes"), num_live,
+                host_id,
+                status.get("rss_bytes"),
+                status.get("memory_budget_bytes"),
+                num_live,
             )
             self.host_evictions["host_recycled"] += num_live
             self._metrics.record_recycled(host_id, num_live)
             try:
                 self._set_shards(old, set())
             except (RayActorError, GetTimeoutError):
-                logger.warning("recycled host did not release its shards host=%s", host_id)
+                logger.warning(
+                    "recycled host did not release its shards host=%s", host_id
+                )
             _stop_actor(old.handle)
         else:
-            logger.warning("host %s, replacing it host=%s shards=%d", reason, host_id, len(shards))
+            logger.warning(
+                "host %s, replacing it host=%s shards=%d", reason, host_id, len(shards)
+            )
         new = self._start_host(shards)
         self._publish(
-            f"host {reason}", new.host_id, replaced=host_id, rss_bytes=status.get("rss_bytes"),
+            f"host {reason}",
+            new.host_id,
+            replaced=host_id,
+            rss_bytes=status.get("rss_bytes"),
             memory_budget_bytes=status.get("memory_budget_bytes"),
             live_aggregates=status.get("live_aggregates"),
         )
@@ -265,12 +306,20 @@ class Controller:
 
     def _publish(self, decision: str, host_id: str, **details: Any) -> None:
         self._version += 1
-        entry = {"time": time.time(), "decision": decision, "host": host_id,
-                 "version": self._version, **details}
+        entry = {
+            "time": time.time(),
+            "decision": decision,
+            "host": host_id,
+            "version": self._version,
+            **details,
+        }
         self._history.append(entry)
         logger.info(
             "assignment published version=%d decision=%s host=%s hosts=%d",
-            self._version, decision, host_id, len(self._hosts),
+            self._version,
+            decision,
+            host_id,
+            len(self._hosts),
         )
 
     def _kill_stale_hosts(self) -> None:

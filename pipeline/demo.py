@@ -115,7 +115,9 @@ def _load_topic(
             output(f"\r  {sent:,} rows produced", end="")
 
     commands = iter_commands(source, mapping, limit=args.limit)
-    ends = produce_commands(bootstrap, DEMO_TOPIC, commands, mapping.aggregate.id_field, show)
+    ends = produce_commands(
+        bootstrap, DEMO_TOPIC, commands, mapping.aggregate.id_field, show
+    )
     rows = sum(ends.values())
     output(f"\r  {rows:,} rows produced in {time.time() - started:,.1f}s")
     return rows, {(DEMO_TOPIC, partition): end for partition, end in ends.items()}
@@ -147,8 +149,11 @@ def _plot(summary: dict[str, Any], work_dir: Path) -> None:
     samples_path = summary.get("samples_path")
     if not samples_path or not Path(samples_path).exists():
         return
-    image = plot_samples({"demo": read_samples(samples_path)}, work_dir / "live_and_memory.png",
-                         "raysource demo: live aggregates and host memory")
+    image = plot_samples(
+        {"demo": read_samples(samples_path)},
+        work_dir / "live_and_memory.png",
+        "raysource demo: live aggregates and host memory",
+    )
     output(f"  plot                 {image}")
 
 
@@ -164,9 +169,15 @@ def _guess_mapping(path: str | None) -> str:
 
 
 def _reset_work_dir(work_dir: Path) -> None:
-    """Remove the files of an earlier demo run, so each run starts from an empty store."""
+    """Remove an earlier demo run's files, so each run starts from an empty store."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("events.db", "events.db-wal", "events.db-shm", "samples.jsonl", "demo.log"):
+    for name in (
+        "events.db",
+        "events.db-wal",
+        "events.db-shm",
+        "samples.jsonl",
+        "demo.log",
+    ):
         (work_dir / name).unlink(missing_ok=True)
     shutil.rmtree(work_dir / "snapshots", ignore_errors=True)
 
@@ -174,7 +185,9 @@ def _reset_work_dir(work_dir: Path) -> None:
 def _log_to_file(path: Path) -> None:
     configure_logging("driver", "WARNING")
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s driver %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s driver %(name)s: %(message)s")
+    )
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)

@@ -128,7 +128,9 @@ class Dispatcher:
                 break
             logger.info(
                 "resending commands sender=%s attempt=%d pending=%d",
-                self.sender_id, attempt + 1, len(pending),
+                self.sender_id,
+                attempt + 1,
+                len(pending),
             )
             time.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff_s)
@@ -158,7 +160,9 @@ class Dispatcher:
         groups = self.router.group(subset)
         refs = {}
         for host_id, indices in groups.items():
-            request = BatchRequest(self.sender_id, self.epoch, [subset[i] for i in indices])
+            request = BatchRequest(
+                self.sender_id, self.epoch, [subset[i] for i in indices]
+            )
             refs[host_id] = self.router.handle(host_id).execute_batch.remote(request)
         for host_id, ref in refs.items():
             indices = groups[host_id]
@@ -166,9 +170,15 @@ class Dispatcher:
                 batch: BatchResult = ray.get(ref)
                 answers = batch.results
             except RayActorError as error:
-                logger.warning("host died during a batch host=%s error=%s", host_id, type(error).__name__)
+                logger.warning(
+                    "host died during a batch host=%s error=%s",
+                    host_id,
+                    type(error).__name__,
+                )
                 answers = [
-                    CommandResult(subset[i].command.command_id, FAILED, reason="host died")
+                    CommandResult(
+                        subset[i].command.command_id, FAILED, reason="host died"
+                    )
                     for i in indices
                 ]
             for index, answer in zip(indices, answers, strict=True):

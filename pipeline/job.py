@@ -1,4 +1,7 @@
-"""The streaming job: controller, hosts and ingestors started, watched and stopped together."""
+"""The streaming job: controller, hosts and ingestors.
+
+They are started, watched and stopped together.
+"""
 
 from __future__ import annotations
 
@@ -62,15 +65,19 @@ class StreamingJob:
         ray.get(self.controller.get_assignment.remote())
         for number in range(1, self.config.kafka.num_ingestors + 1):
             name = INGESTOR_NAME.format(number)
-            ingestor = KafkaIngestorActor.options(name=name, namespace=self.config.ray.namespace).remote(
-                f"ingestor-{number}", self.config, self.controller
-            )
+            ingestor = KafkaIngestorActor.options(
+                name=name, namespace=self.config.ray.namespace
+            ).remote(f"ingestor-{number}", self.config, self.controller)
             self.ingestors.append(ingestor)
             self._runs.append(ingestor.run.remote())
-        self.sampler = Sampler(self.work_dir, self.controller, self.ingestors, self._exclude, self._label)
+        self.sampler = Sampler(
+            self.work_dir, self.controller, self.ingestors, self._exclude, self._label
+        )
         logger.info(
             "job started ingestors=%d topics=%s group=%s",
-            len(self.ingestors), ",".join(self.config.kafka.topics), self.config.kafka.group_id,
+            len(self.ingestors),
+            ",".join(self.config.kafka.topics),
+            self.config.kafka.group_id,
         )
 
     def wait(
@@ -92,7 +99,9 @@ class StreamingJob:
             self._check_ingestors()
             if self.expected_ends is not None and self._is_drained():
                 self.drained_at = time.time()
-                logger.info("input drained elapsed_s=%.1f", self.drained_at - self.started_at)
+                logger.info(
+                    "input drained elapsed_s=%.1f", self.drained_at - self.started_at
+                )
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 logger.warning("job timed out before the input was drained")
@@ -101,7 +110,10 @@ class StreamingJob:
         return False
 
     def stop(self) -> dict[str, Any]:
-        """Stop ingestors (they commit what is durable), then hosts; return a summary."""
+        """Stop the ingestors, which commit what is durable, then the hosts.
+
+        Return a summary of the run.
+        """
         final = self.sampler.sample() if self.sampler is not None else {}
         for ingestor in self.ingestors:
             ingestor.stop.remote()
@@ -111,7 +123,9 @@ class StreamingJob:
                 ingestor_summaries.append(ray.get(run, timeout=_STOP_TIMEOUT_S))
             except Exception:
                 logger.exception("ingestor did not stop cleanly")
-        controller_status = ray.get(self.controller.status.remote()) if self.controller else {}
+        controller_status = (
+            ray.get(self.controller.status.remote()) if self.controller else {}
+        )
         if self.controller is not None:
             stop_controller(self.controller)
         for ingestor in self.ingestors:
@@ -130,8 +144,12 @@ class StreamingJob:
 
     def _is_drained(self) -> bool:
         assert self.expected_ends is not None
-        committed = committed_offsets(self.config.kafka.bootstrap_servers, self.config.kafka.group_id)
-        return all(committed.get(tp, 0) >= end for tp, end in self.expected_ends.items())
+        committed = committed_offsets(
+            self.config.kafka.bootstrap_servers, self.config.kafka.group_id
+        )
+        return all(
+            committed.get(tp, 0) >= end for tp, end in self.expected_ends.items()
+        )
 
     def _summary(
         self,
@@ -145,7 +163,11 @@ class StreamingJob:
             distinct = store.count_aggregates()
         finally:
             store.close()
-        durable = counts["appended_commands"] + counts["rejected_commands"] + counts["dead_letters"]
+        durable = (
+            counts["appended_commands"]
+            + counts["rejected_commands"]
+            + counts["dead_letters"]
+        )
         elapsed = max(self._processing_time(ingestors), 1e-9)
         hosts = controller_status.get("hosts", {})
         sampler = self.sampler
@@ -158,8 +180,12 @@ class StreamingJob:
             "distinct_aggregates": distinct,
             "peak_live_aggregates": sampler.peak_live if sampler else 0,
             "evictions": evictions_by_reason(controller_status),
-            "snapshots_written": sum(h.get("snapshots_written", 0) for h in hosts.values()),
-            "snapshots_failed": sum(h.get("snapshots_failed", 0) for h in hosts.values()),
+            "snapshots_written": sum(
+                h.get("snapshots_written", 0) for h in hosts.values()
+            ),
+            "snapshots_failed": sum(
+                h.get("snapshots_failed", 0) for h in hosts.values()
+            ),
             "elapsed_s": elapsed,
             "commands_per_s": durable / elapsed,
             "peak_job_rss_bytes": sampler.peak_job_rss if sampler else 0,
@@ -170,22 +196,27 @@ class StreamingJob:
             "host_decisions": controller_status.get("history", []),
         }
 
-
     def _processing_time(self, ingestors: list[dict[str, Any]]) -> float:
         """Return seconds from the first record read to the input drained.
 
         Without a drain (a stopped ``run``), the end is the ingestors' last commit.
         """
         first_reads = [i["first_read_at"] for i in ingestors if i.get("first_read_at")]
-        last_commits = [i["last_commit_at"] for i in ingestors if i.get("last_commit_at")]
+        last_commits = [
+            i["last_commit_at"] for i in ingestors if i.get("last_commit_at")
+        ]
         start = min(first_reads) if first_reads else self.started_at
         end = self.drained_at or (max(last_commits) if last_commits else time.time())
         return end - start
 
 
-def committed_offsets(bootstrap_servers: str, group_id: str) -> dict[tuple[str, int], int]:
+def committed_offsets(
+    bootstrap_servers: str, group_id: str
+) -> dict[tuple[str, int], int]:
     """Return the consumer group's committed offset per (topic, partition)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="raysource-monitor")
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, client_id="raysource-monitor"
+    )
     try:
         offsets = admin.list_group_offsets({group_id: None}).get(group_id, {})
     finally:
@@ -195,4 +226,3 @@ def committed_offsets(bootstrap_servers: str, group_id: str) -> dict[tuple[str, 
         for tp, meta in offsets.items()
         if meta is not None and meta.offset is not None and meta.offset >= 0
     }
-

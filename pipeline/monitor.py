@@ -104,7 +104,9 @@ class Sampler:
             "elapsed_s": now - self._started,
             "label": self._label,
             "live_aggregates": live,
-            "hibernated_aggregates": sum(h.get("hibernated_aggregates", 0) for h in hosts.values()),
+            "hibernated_aggregates": sum(
+                h.get("hibernated_aggregates", 0) for h in hosts.values()
+            ),
             "hosts_rss_bytes": hosts_rss,
             "job_rss_bytes": job_rss,
             "durable_commands": durable,
@@ -132,7 +134,11 @@ class Sampler:
         self.peak_job_rss = max(self.peak_job_rss, job_rss)
         self.peak_hosts_rss = max(self.peak_hosts_rss, hosts_rss)
         self.peak_live = max(self.peak_live, live)
-        self.latest = {"controller": controller, "ingestors": ingestors, "sample": sample}
+        self.latest = {
+            "controller": controller,
+            "ingestors": ingestors,
+            "sample": sample,
+        }
         with open(self.path, "a") as handle:
             handle.write(json.dumps(sample) + "\n")
         return sample
@@ -175,7 +181,12 @@ def _gather(refs: list[Any]) -> list[dict[str, Any]]:
 
 
 def _durable(status: dict[str, Any]) -> int:
-    return int(sum(status.get(key, 0) for key in ("appended", "rejected", "duplicates", "dead_letters")))
+    return int(
+        sum(
+            status.get(key, 0)
+            for key in ("appended", "rejected", "duplicates", "dead_letters")
+        )
+    )
 
 
 def _executed(host_status: dict[str, Any]) -> int:

@@ -22,7 +22,9 @@ def plot_samples(
     for label, samples in runs.items():
         elapsed = [s["elapsed_s"] for s in samples]
         live_axis.plot(elapsed, [s["live_aggregates"] for s in samples], label=label)
-        memory_axis.plot(elapsed, [s["hosts_rss_bytes"] / _MIB for s in samples], label=label)
+        memory_axis.plot(
+            elapsed, [s["hosts_rss_bytes"] / _MIB for s in samples], label=label
+        )
     live_axis.set_ylabel("live aggregates")
     memory_axis.set_ylabel("host memory (MiB RSS)")
     memory_axis.set_xlabel("seconds since start")

@@ -1,4 +1,7 @@
-"""Produce command dicts to a Kafka topic, keyed by aggregate id, for the demo and benchmarks."""
+"""Produce command dicts to a Kafka topic, keyed by aggregate id.
+
+The demo and the benchmarks use it.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,13 @@ logger = logging.getLogger(__name__)
 
 
 def create_topic(bootstrap_servers: str, topic: str, num_partitions: int = 8) -> None:
-    """Create ``topic`` with ``num_partitions`` partitions; an existing topic is kept."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="raysource-admin")
+    """Create ``topic`` with ``num_partitions`` partitions.
+
+    An existing topic is kept as it is.
+    """
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, client_id="raysource-admin"
+    )
     try:
         admin.create_topics([NewTopic(topic, num_partitions, replication_factor=1)])
         logger.info("topic created topic=%s partitions=%d", topic, num_partitions)
@@ -52,7 +60,9 @@ def produce_commands(
     ends: dict[int, int] = {}
 
     def on_sent(metadata: Any) -> None:
-        ends[metadata.partition] = max(ends.get(metadata.partition, 0), metadata.offset + 1)
+        ends[metadata.partition] = max(
+            ends.get(metadata.partition, 0), metadata.offset + 1
+        )
 
     sent = 0
     try:

@@ -1,4 +1,7 @@
-"""Messages between dispatchers (ingestors, backfills, the Python entry point) and hosts."""
+"""Messages between dispatchers and hosts.
+
+The dispatchers are the ingestors, backfills and the Python entry point.
+"""
 
 from __future__ import annotations
 
@@ -39,14 +42,24 @@ class BatchItem:
         command = self.command
         metadata = command.metadata
         return _rebuild_item, (
-            self.aggregate_type, command.aggregate_id, command.type, command.payload,
-            metadata.command_id, metadata.causation_id, metadata.correlation_id,
-            metadata.topic, metadata.partition, metadata.offset,
+            self.aggregate_type,
+            command.aggregate_id,
+            command.type,
+            command.payload,
+            metadata.command_id,
+            metadata.causation_id,
+            metadata.correlation_id,
+            metadata.topic,
+            metadata.partition,
+            metadata.offset,
         )
 
 
 def _rebuild_item(
-    aggregate_type: str, aggregate_id: str, command_type: str, payload: dict[str, Any],
+    aggregate_type: str,
+    aggregate_id: str,
+    command_type: str,
+    payload: dict[str, Any],
     *metadata: Any,
 ) -> BatchItem:
     # ``metadata`` contains Metadata's fields in declaration order, as listed above.

@@ -42,7 +42,10 @@ class AggregateRegistry:
 
     @classmethod
     def from_config(cls, aggregates: dict[str, AggregateConfig]) -> AggregateRegistry:
-        """Resolve every configured aggregate type; raises ConfigError naming the setting."""
+        """Resolve every configured aggregate type.
+
+        An invalid setting raises ConfigError, which names the setting.
+        """
         return cls([_spec(name, config) for name, config in aggregates.items()])
 
     def get(self, name: str) -> AggregateSpec:
@@ -50,7 +53,10 @@ class AggregateRegistry:
         try:
             return self.specs[name]
         except KeyError:
-            msg = f"unknown aggregate type {name!r}; configured: {', '.join(sorted(self.specs))}"
+            msg = (
+                f"unknown aggregate type {name!r}; "
+                f"configured: {', '.join(sorted(self.specs))}"
+            )
             raise KeyError(msg) from None
 
     def for_command(self, command_type: str) -> AggregateSpec | None:
@@ -59,12 +65,18 @@ class AggregateRegistry:
 
 
 def import_object(path: str, setting: str) -> Any:
-    """Import 'package.module:name' (or 'package.module.name'); ConfigError names the setting."""
+    """Import 'package.module:name' or 'package.module.name'.
+
+    A failed import raises ConfigError, which names ``setting``.
+    """
     module_name, _, attribute = path.partition(":")
     if not attribute:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
-        msg = f"{setting} = {path!r} is invalid: expected an import path 'package.module:name'"
+        msg = (
+            f"{setting} = {path!r} is invalid: "
+            "expected an import path 'package.module:name'"
+        )
         raise ConfigError(msg)
     try:
         module = importlib.import_module(module_name)
@@ -74,7 +86,10 @@ def import_object(path: str, setting: str) -> Any:
     try:
         return getattr(module, attribute)
     except AttributeError:
-        msg = f"{setting} = {path!r} is invalid: {module_name} has no attribute {attribute!r}"
+        msg = (
+            f"{setting} = {path!r} is invalid: "
+            f"{module_name} has no attribute {attribute!r}"
+        )
         raise ConfigError(msg) from None
 
 
@@ -82,12 +97,16 @@ def _spec(name: str, config: AggregateConfig) -> AggregateSpec:
     setting = f"aggregates.{name}"
     cls = import_object(config.class_path, f"{setting}.class")
     if not isinstance(cls, type) or not issubclass(cls, Aggregate):
-        msg = f"{setting}.class = {config.class_path!r} is invalid: expected an Aggregate subclass"
+        msg = (
+            f"{setting}.class = {config.class_path!r} is invalid: "
+            "expected an Aggregate subclass"
+        )
         raise ConfigError(msg)
     if cls.aggregate_type != name:
         msg = (
-            f"{setting}.class = {config.class_path!r} is invalid: its aggregate_type is "
-            f"{cls.aggregate_type!r}, so the table must be [aggregates.{cls.aggregate_type}]"
+            f"{setting}.class = {config.class_path!r} is invalid: "
+            f"its aggregate_type is {cls.aggregate_type!r}, "
+            f"so the table must be [aggregates.{cls.aggregate_type}]"
         )
         raise ConfigError(msg)
     policy = EveryNEvents(config.snapshot_every, config.snapshot_version)

@@ -57,22 +57,50 @@ def print_summary(summary: dict[str, Any], rows_read: int | None) -> None:
     if rows_read is not None:
         check = "ok" if summary["accounted"] == rows_read else "MISMATCH"
         output(f"  rows read            {rows_read:>12,}")
-    output(f"  commands appended    {summary['appended_commands']:>12,}  ({summary['events']:,} events)")
+    output(
+        f"  commands appended    {summary['appended_commands']:>12,}  "
+        f"({summary['events']:,} events)"
+    )
     output(f"  commands rejected    {summary['rejected_commands']:>12,}")
     output(f"  dead letters         {summary['dead_letters']:>12,}")
     if rows_read is not None:
-        output(f"  sum                  {summary['accounted']:>12,}  ({check}: every row accounted for)"
-               if check == "ok" else
-               f"  sum                  {summary['accounted']:>12,}  ({check}: rows read {rows_read:,})")
+        output(
+            (
+                f"  sum                  {summary['accounted']:>12,}  "
+                f"({check}: every row accounted for)"
+            )
+            if check == "ok"
+            else (
+                f"  sum                  {summary['accounted']:>12,}  "
+                f"({check}: rows read {rows_read:,})"
+            )
+        )
     output(f"  distinct aggregates  {summary['distinct_aggregates']:>12,}")
     output(f"  peak live aggregates {summary['peak_live_aggregates']:>12,}")
-    evictions = ", ".join(f"{k} {v:,}" for k, v in sorted(summary["evictions"].items())) or "none"
+    evictions = (
+        ", ".join(f"{k} {v:,}" for k, v in sorted(summary["evictions"].items()))
+        or "none"
+    )
     output(f"  evictions            {evictions}")
-    output(f"  snapshots written    {summary['snapshots_written']:>12,}  (failed {summary['snapshots_failed']:,})")
-    output(f"  commands per second  {summary['commands_per_s']:>12,.0f}  over {summary['elapsed_s']:,.1f}s")
-    output(f"  peak memory, job     {summary['peak_job_rss_bytes'] / _MIB:>12,.0f} MiB  (driver and Ray processes, broker apart)")
-    output(f"  peak memory, hosts   {summary['peak_hosts_rss_bytes'] / _MIB:>12,.0f} MiB")
+    output(
+        f"  snapshots written    {summary['snapshots_written']:>12,}  "
+        f"(failed {summary['snapshots_failed']:,})"
+    )
+    output(
+        f"  commands per second  {summary['commands_per_s']:>12,.0f}  "
+        f"over {summary['elapsed_s']:,.1f}s"
+    )
+    output(
+        f"  peak memory, job     {summary['peak_job_rss_bytes'] / _MIB:>12,.0f} MiB  "
+        "(driver and Ray processes, broker apart)"
+    )
+    output(
+        f"  peak memory, hosts   {summary['peak_hosts_rss_bytes'] / _MIB:>12,.0f} MiB"
+    )
     if summary.get("broker_rss_bytes"):
-        output(f"  broker memory        {summary['broker_rss_bytes'] / _MIB:>12,.0f} MiB  (keeps the whole topic in memory)")
+        output(
+            f"  broker memory        {summary['broker_rss_bytes'] / _MIB:>12,.0f} MiB  "
+            "(keeps the whole topic in memory)"
+        )
     if summary.get("samples_path"):
         output(f"  samples              {summary['samples_path']}")

@@ -24,7 +24,10 @@ _LOCAL_RAY_ENVIRONMENT = {
 
 
 def init_ray(config: RayConfig) -> None:
-    """Start a local Ray or join a cluster, as ``config.address`` says; no-op if started."""
+    """Start a local Ray or join a cluster, as ``config.address`` selects.
+
+    Do nothing if Ray is already initialized.
+    """
     if ray.is_initialized():
         return
     if config.address == "local":

@@ -26,11 +26,15 @@ class SnapshotWriter:
 
     def __init__(self, store: SnapshotStore, max_queued: int) -> None:
         self._store = store
-        self._queue: queue.Queue[tuple[Snapshot, bytes] | None] = queue.Queue(max_queued)
+        self._queue: queue.Queue[tuple[Snapshot, bytes] | None] = queue.Queue(
+            max_queued
+        )
         self.num_written = 0
         self.num_failed = 0
         self.num_skipped = 0
-        self._thread = threading.Thread(target=self._run, name="snapshot-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="snapshot-writer", daemon=True
+        )
         self._thread.start()
 
     def submit(self, snapshot: Snapshot, data: bytes) -> None:
@@ -41,7 +45,10 @@ class SnapshotWriter:
             self.num_skipped += 1
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every queued snapshot is written or failed; return whether done."""
+        """Wait until every queued snapshot is written or failed.
+
+        Return False if ``timeout_s`` seconds pass first, True otherwise.
+        """
         deadline = time.monotonic() + timeout_s
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -106,7 +106,9 @@ class EventStore:
         _check_record_chains(records)
         now = datetime.now(UTC)
         with self._write() as connection:
-            result.duplicates = self._find_commands(connection, [r.command_id for r in records])
+            result.duplicates = self._find_commands(
+                connection, [r.command_id for r in records]
+            )
             fresh = [r for r in records if r.command_id not in result.duplicates]
             self._check_versions(connection, fresh)
             command_rows, event_rows = _rows(fresh, now)
@@ -212,8 +214,10 @@ class EventStore:
         with self._read() as connection:
             return connection.execute(query).scalar() or 0
 
-    def stream_versions(self, streams: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        """Return the version of each (aggregate_type, aggregate_id) stream that has events.
+    def stream_versions(
+        self, streams: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        """Return the version of each (aggregate_type, aggregate_id) stream.
 
         Streams without events are left out.
         """
@@ -250,7 +254,11 @@ class EventStore:
     def count_aggregates(self) -> int:
         """Return how many distinct aggregates have events."""
         table = schema.events
-        distinct = sa.select(table.c.aggregate_type, table.c.aggregate_id).distinct().subquery()
+        distinct = (
+            sa.select(table.c.aggregate_type, table.c.aggregate_id)
+            .distinct()
+            .subquery()
+        )
         query = sa.select(sa.func.count()).select_from(distinct)
         with self._read() as connection:
             return connection.execute(query).scalar() or 0
@@ -264,9 +272,13 @@ class EventStore:
         """Return the number of events, appended and rejected commands, dead letters."""
         commands = schema.commands
         with self._read() as connection:
-            num_events = connection.execute(sa.select(sa.func.count()).select_from(schema.events))
+            num_events = connection.execute(
+                sa.select(sa.func.count()).select_from(schema.events)
+            )
             by_outcome = connection.execute(
-                sa.select(commands.c.outcome, sa.func.count()).group_by(commands.c.outcome)
+                sa.select(commands.c.outcome, sa.func.count()).group_by(
+                    commands.c.outcome
+                )
             )
             outcomes = {row[0]: row[1] for row in by_outcome}
             num_dead = connection.execute(
@@ -293,7 +305,9 @@ class EventStore:
         with self._read() as connection:
             return list(connection.execute(query))
 
-    def _find_commands(self, connection: Connection, command_ids: list[str]) -> dict[str, str]:
+    def _find_commands(
+        self, connection: Connection, command_ids: list[str]
+    ) -> dict[str, str]:
         table = schema.commands
         found: dict[str, str] = {}
         for start in range(0, len(command_ids), _IN_CHUNK):
@@ -301,20 +315,28 @@ class EventStore:
             query = sa.select(table.c.command_id, table.c.outcome).where(
                 table.c.command_id.in_(chunk)
             )
-            found.update({row.command_id: row.outcome for row in connection.execute(query)})
+            found.update(
+                {row.command_id: row.outcome for row in connection.execute(query)}
+            )
         return found
 
-    def _check_versions(self, connection: Connection, records: Sequence[CommandRecord]) -> None:
+    def _check_versions(
+        self, connection: Connection, records: Sequence[CommandRecord]
+    ) -> None:
         expected: dict[tuple[str, str], int] = {}
         for record in records:
             if record.events:
-                expected.setdefault((record.aggregate_type, record.aggregate_id), record.expected_version)
+                expected.setdefault(
+                    (record.aggregate_type, record.aggregate_id),
+                    record.expected_version,
+                )
         actual = self._stream_versions(connection, list(expected))
         for stream, version in expected.items():
             if actual.get(stream, 0) != version:
                 msg = (
-                    f"stream {stream[0]}/{stream[1]} is at version {actual.get(stream, 0)}, "
-                    f"not the expected {version}; reload it and retry"
+                    f"stream {stream[0]}/{stream[1]} is at version "
+                    f"{actual.get(stream, 0)}, not the expected {version}; "
+                    "reload it and retry"
                 )
                 raise VersionConflictError(msg)
 
@@ -363,13 +385,14 @@ class EventStore:
             ).scalar()
             if stored is None:
                 connection.execute(
-                    meta.insert(), {"key": "schema_version", "value": str(schema.SCHEMA_VERSION)}
+                    meta.insert(),
+                    {"key": "schema_version", "value": str(schema.SCHEMA_VERSION)},
                 )
             elif stored != str(schema.SCHEMA_VERSION):
                 msg = (
                     f"database {_safe_url(self.url)} has event store schema version "
-                    f"{stored}, but this raysource reads version {schema.SCHEMA_VERSION}; "
-                    "migrate the database or use a new one"
+                    f"{stored}, but this raysource reads version "
+                    f"{schema.SCHEMA_VERSION}; migrate the database or use a new one"
                 )
                 raise SchemaError(msg)
 
@@ -462,7 +485,9 @@ def _create_engine(url: str, pool_size: int) -> Engine:
 
 
 def _create_sqlite_engine(url: str) -> Engine:
-    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+    engine = sa.create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": 60}
+    )
 
     @sa_event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -504,8 +529,9 @@ def _check_record_chains(records: Sequence[CommandRecord]) -> None:
         expected = next_version.get(stream, record.expected_version)
         if record.expected_version != expected:
             msg = (
-                f"command {record.command_id} expects {stream[0]}/{stream[1]} at version "
-                f"{record.expected_version}, but the record before it leaves {expected}"
+                f"command {record.command_id} expects {stream[0]}/{stream[1]} "
+                f"at version {record.expected_version}, "
+                f"but the record before it leaves {expected}"
             )
             raise ValueError(msg)
         for offset, event in enumerate(record.events, start=1):

@@ -54,7 +54,10 @@ def load_aggregate(
     )
     replayed = 0
     for event in events.read_stream(
-        aggregate_type.aggregate_type, aggregate_id, after_version=base, page_size=page_size
+        aggregate_type.aggregate_type,
+        aggregate_id,
+        after_version=base,
+        page_size=page_size,
     ):
         if up_to_version is not None and event.version > up_to_version:
             break
@@ -101,7 +104,9 @@ def _check_not_ahead(
     )
     fresh = aggregate_type(aggregate_id)
     replayed = 0
-    for event in events.read_stream(aggregate_type.aggregate_type, aggregate_id, page_size=page_size):
+    for event in events.read_stream(
+        aggregate_type.aggregate_type, aggregate_id, page_size=page_size
+    ):
         fresh.apply(event)
         replayed += 1
     return fresh, 0, replayed
@@ -116,15 +121,21 @@ def _from_snapshot(
 ) -> tuple[Aggregate, int]:
     if snapshots is None:
         return aggregate_type(aggregate_id), 0
-    snapshot = snapshots.load_latest(aggregate_type.aggregate_type, aggregate_id, snapshot_version)
-    if snapshot is None or (up_to_version is not None and snapshot.version > up_to_version):
+    snapshot = snapshots.load_latest(
+        aggregate_type.aggregate_type, aggregate_id, snapshot_version
+    )
+    if snapshot is None or (
+        up_to_version is not None and snapshot.version > up_to_version
+    ):
         return aggregate_type(aggregate_id), 0
     try:
-        aggregate = aggregate_type.from_snapshot(aggregate_id, snapshot.version, snapshot.state)
+        aggregate = aggregate_type.from_snapshot(
+            aggregate_id, snapshot.version, snapshot.state
+        )
     except (InvalidCommandError, TypeError, ValueError, KeyError) as error:
         logger.warning(
-            "snapshot cannot be restored, replaying the stream aggregate=%s/%s version=%d "
-            "error=%s",
+            "snapshot cannot be restored, replaying the stream "
+            "aggregate=%s/%s version=%d error=%s",
             aggregate_type.aggregate_type,
             aggregate_id,
             snapshot.version,

@@ -37,7 +37,10 @@ _LOG_EVERY_READ_FAILURES = 100
 
 @dataclass(frozen=True)
 class Snapshot:
-    """An aggregate's state as of stream ``version``, in state shape ``snapshot_version``."""
+    """An aggregate's state as of stream ``version``.
+
+    ``state`` has the state shape numbered ``snapshot_version``.
+    """
 
     aggregate_type: str
     aggregate_id: str
@@ -137,12 +140,16 @@ class SnapshotStore:
             self._warn_unreachable(folder, error)
             return None
         for version, path in sorted(paths.items(), reverse=True):
-            snapshot = self._read(path, aggregate_type, aggregate_id, snapshot_version, version)
+            snapshot = self._read(
+                path, aggregate_type, aggregate_id, snapshot_version, version
+            )
             if snapshot is not None:
                 return snapshot
         return None
 
-    def list_versions(self, aggregate_type: str, aggregate_id: str) -> dict[int, list[int]]:
+    def list_versions(
+        self, aggregate_type: str, aggregate_id: str
+    ) -> dict[int, list[int]]:
         """Return the stream versions stored for each state-shape version."""
         base = self._aggregate_folder(aggregate_type, aggregate_id)
         found: dict[int, list[int]] = {}
@@ -158,8 +165,12 @@ class SnapshotStore:
         type_segment = _path_segment(aggregate_type)
         return f"{self.root}/{type_segment}/{_path_segment(aggregate_id)}"
 
-    def _folder(self, aggregate_type: str, aggregate_id: str, snapshot_version: int) -> str:
-        return f"{self._aggregate_folder(aggregate_type, aggregate_id)}/{snapshot_version}"
+    def _folder(
+        self, aggregate_type: str, aggregate_id: str, snapshot_version: int
+    ) -> str:
+        return (
+            f"{self._aggregate_folder(aggregate_type, aggregate_id)}/{snapshot_version}"
+        )
 
     def _suffix(self) -> str:
         return ".json.gz" if self.compression == "gzip" else ".json"
@@ -208,7 +219,9 @@ class SnapshotStore:
             )
 
     def _delete_older(self, snapshot: Snapshot, older: list[int]) -> None:
-        folder = self._folder(snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version)
+        folder = self._folder(
+            snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version
+        )
         paths = self._paths(folder)
         stale = [paths[v] for v in older if v < snapshot.version and v in paths]
         base = self._aggregate_folder(snapshot.aggregate_type, snapshot.aggregate_id)
@@ -244,14 +257,23 @@ class SnapshotStore:
             snapshot = _snapshot_from_document(document)
         except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
             logger.warning(
-                "snapshot unreadable, ignoring it path=%s error=%s", path, str(error)[:200]
+                "snapshot unreadable, ignoring it path=%s error=%s",
+                path,
+                str(error)[:200],
             )
             return None
         expected = (aggregate_type, aggregate_id, snapshot_version, version)
-        found = (snapshot.aggregate_type, snapshot.aggregate_id, snapshot.snapshot_version, snapshot.version)
+        found = (
+            snapshot.aggregate_type,
+            snapshot.aggregate_id,
+            snapshot.snapshot_version,
+            snapshot.version,
+        )
         if found != expected:
             logger.warning(
-                "snapshot does not match its key, ignoring it path=%s found=%s", path, found
+                "snapshot does not match its key, ignoring it path=%s found=%s",
+                path,
+                found,
             )
             return None
         return snapshot
