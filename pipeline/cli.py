@@ -106,7 +106,13 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(args)
+    try:
+        return run_demo(args)
+    except (OSError, ValueError) as error:
+        # Bad input (missing file, unreadable rows, unknown mapping) or a work
+        # folder that cannot be used: one line for the user, no traceback.
+        print(f"raysource: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -10,11 +10,13 @@ everything it started. The default input is every flight that left New York in
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from pipeline.job import StreamingJob
 from pipeline.logs import configure_logging
 from pipeline.monitor import read_samples, rss_of
 from pipeline.plots import plot_samples
-from pipeline.producer import create_topic, produce_commands
+from pipeline.producer import create_topic, produce_commands, produce_raw
 from pipeline.report import print_summary, progress_printer
 from pipeline.sources import SourceMapping, iter_commands, resolve_mapping
 
@@ -114,6 +116,14 @@ def _load_topic(
         if sys.stdout.isatty():
             output(f"\r  {sent:,} rows produced", end="")
 
+    if source is not None and _is_command_lines(source, mapping):
+        # Lines that already are commands go to the topic byte for byte, so a
+        # line that is not JSON reaches the ingestor and becomes a dead letter.
+        records = _raw_lines(Path(source), mapping, args.limit)
+        ends = produce_raw(bootstrap, DEMO_TOPIC, records)
+        rows = sum(ends.values())
+        output(f"\r  {rows:,} rows produced in {time.time() - started:,.1f}s")
+        return rows, {(DEMO_TOPIC, partition): end for partition, end in ends.items()}
     commands = iter_commands(source, mapping, limit=args.limit)
     ends = produce_commands(
         bootstrap, DEMO_TOPIC, commands, mapping.aggregate.id_field, show
@@ -155,6 +165,36 @@ def _plot(summary: dict[str, Any], work_dir: Path) -> None:
         "raysource demo: live aggregates and host memory",
     )
     output(f"  plot                 {image}")
+
+
+def _is_command_lines(source: str, mapping: SourceMapping) -> bool:
+    return mapping.name == "shop" and Path(source).suffix in (
+        ".jsonl",
+        ".ndjson",
+        ".json",
+    )
+
+
+def _raw_lines(
+    path: Path, mapping: SourceMapping, limit: int | None
+) -> Iterator[tuple[bytes | None, bytes]]:
+    """Yield (key, line) per non-blank line; the key is the id field when readable."""
+    assert mapping.aggregate is not None
+    id_field = mapping.aggregate.id_field
+    with open(path, "rb") as handle:
+        count = 0
+        for line in handle:
+            value = line.rstrip(b"\r\n")
+            if not value.strip():
+                continue
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            try:
+                key = json.loads(value).get(id_field)
+            except (ValueError, AttributeError):
+                key = None
+            yield (str(key).encode() if key is not None else None), value
 
 
 def _guess_mapping(path: str | None) -> str:

@@ -163,10 +163,14 @@ class StreamingJob:
             distinct = store.count_aggregates()
         finally:
             store.close()
+        # A message repeating a command id already recorded is acknowledged
+        # without running: it adds no row to the store but is accounted for.
+        duplicates = sum(int(i.get("duplicates", 0)) for i in ingestors)
         durable = (
             counts["appended_commands"]
             + counts["rejected_commands"]
             + counts["dead_letters"]
+            + duplicates
         )
         elapsed = max(self._processing_time(ingestors), 1e-9)
         hosts = controller_status.get("hosts", {})
@@ -176,6 +180,7 @@ class StreamingJob:
             "appended_commands": counts["appended_commands"],
             "rejected_commands": counts["rejected_commands"],
             "dead_letters": counts["dead_letters"],
+            "duplicates": duplicates,
             "accounted": durable,
             "distinct_aggregates": distinct,
             "peak_live_aggregates": sampler.peak_live if sampler else 0,

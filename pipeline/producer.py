@@ -81,3 +81,33 @@ def produce_commands(
         progress(sent)
     logger.info("commands produced topic=%s records=%d", topic, sent)
     return ends
+
+
+def produce_raw(
+    bootstrap_servers: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes]],
+) -> dict[int, int]:
+    """Send (key, value) records as they are; return the end offset per partition."""
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id="raysource-producer",
+        linger_ms=20,
+        batch_size=512 * 1024,
+        max_request_size=8 * 1024 * 1024,
+        acks=1,
+        enable_idempotence=False,
+    )
+    ends: dict[int, int] = {}
+
+    def on_sent(metadata: Any) -> None:
+        end = metadata.offset + 1
+        ends[metadata.partition] = max(ends.get(metadata.partition, 0), end)
+
+    try:
+        for key, value in records:
+            producer.send(topic, value=value, key=key).add_callback(on_sent)
+        producer.flush()
+    finally:
+        producer.close()
+    return ends

@@ -63,6 +63,11 @@ def print_summary(summary: dict[str, Any], rows_read: int | None) -> None:
     )
     output(f"  commands rejected    {summary['rejected_commands']:>12,}")
     output(f"  dead letters         {summary['dead_letters']:>12,}")
+    if summary.get("duplicates"):
+        output(
+            f"  duplicate ids        {summary['duplicates']:>12,}"
+            "  (acknowledged, not run again)"
+        )
     if rows_read is not None:
         output(
             (

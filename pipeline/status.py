@@ -97,6 +97,11 @@ def collect_status(config: JobConfig, num_top_aggregates: int = 5) -> dict[str, 
     hosts running now, because a host that was replaced took its counts with it.
 
     Raises RuntimeError naming the namespace when no job runs there.
+
+    NOTE: with ``ray.address = "auto"`` Ray joins the cluster it recorded last
+    under /tmp/ray. When that cluster has stopped, ``ray.init`` keeps retrying
+    its GCS until Ray's own timeout instead of failing at once; pass the
+    running job's address to avoid the wait.
     """
     import ray
 

@@ -7,6 +7,7 @@ SQLAlchemy Core over SQLite (the default: one file, WAL) or PostgreSQL
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///raysource.db"
 DEFAULT_PAGE_SIZE = 1000
+_SCHEMA_ATTEMPTS = 5
 # Bound parameters per IN list; SQLite allows 32,766 per statement, PostgreSQL 65,535.
 _IN_CHUNK = 500
 
@@ -85,7 +87,7 @@ class EventStore:
     def __init__(self, url: str = DEFAULT_URL, *, pool_size: int = 4) -> None:
         self.url = url
         self.engine = _create_engine(url, pool_size)
-        self._ensure_schema()
+        self._create_schema()
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -367,6 +369,19 @@ class EventStore:
 
     def _read(self) -> _Transaction:
         return _Transaction(self.engine, immediate=False)
+
+    def _create_schema(self) -> None:
+        # Processes that open a new PostgreSQL database at the same moment race
+        # to create the tables; the loser's CREATE fails on PostgreSQL's unique
+        # type names. The tables exist by then, so the next attempt only checks.
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            try:
+                self._ensure_schema()
+                return
+            except VersionConflictError:
+                if attempt == _SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def _ensure_schema(self) -> None:
         with self._write() as connection:
