@@ -578,6 +578,10 @@ class Bench:
     def _run_scaling(self) -> None:
         """Run each lifespan variant on topics with more and more shops."""
         settings = self.settings
+        # Scaling is the last part, so the scale topics of the parts before it
+        # are deleted, which keeps the broker's memory to the scaling topics.
+        for topic in list(self._topics.values()):
+            self._delete_topic(topic)
         by_shops: dict[str, Any] = {}
         self.results["scaling"] = {
             "num_commands": settings.scaling_commands,
