@@ -49,6 +49,12 @@ def _isolate_environment() -> None:
             "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
             # Ray otherwise sends usage statistics to an outside server.
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray 2.60 enables token authentication and keeps one token file
+            # per user. A test that starts another Ray in a subprocess (the
+            # demo, the cluster test) replaces that file, after which a new
+            # process can no longer join the session's Ray (as `raysource top`
+            # in the terminal test must). Every Ray here is on loopback only.
+            "RAY_AUTH_MODE": "disabled",
             # Set to 0 on Linux, this makes Ray take 127.0.0.1 as the node
             # address and bind its servers there, not on the outside address.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
