@@ -54,10 +54,10 @@ class _Host:
 class Controller:
     """Own placement: shards to hosts, host start, stop, replacement and recycling.
 
-    Crash behaviour: the controller holds no data. If it dies, hosts keep their
-    shards and go on serving batches already routed; a restarted controller
-    starts with fresh hosts (the old ones are found by name and killed), so every
-    aggregate is reloaded from the stores. ``reconcile`` and ``get_assignment``
+    Crash behaviour: the controller holds no data. If it dies, Ray also ends
+    the hosts it owns, and batches in flight to them fail and are resent. A
+    restarted controller starts fresh hosts (any old one still found by name is
+    killed), so every aggregate is reloaded from the stores. ``reconcile`` and ``get_assignment``
     are safe to repeat. Each step of a reconcile tick is guarded on its own, so
     one failing step never stops the loop.
     """
