@@ -230,7 +230,7 @@ def _targets(results: Mapping[str, Any]) -> str:
         for t in results.get("targets", [])
     ]
     return (
-        _table(["target", "measured at", "target", "measured", "verdict"], rows)
+        _table(["figure", "measured at", "target", "measured", "verdict"], rows)
         if rows
         else ""
     )
