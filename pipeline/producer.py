@@ -47,36 +47,19 @@ def produce_commands(
     dead letter downstream; nothing is dropped here). Returns, per partition,
     the offset after the last record written, from the broker's acknowledgements.
     """
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap_servers,
-        client_id="raysource-producer",
-        linger_ms=20,
-        batch_size=512 * 1024,
-        max_request_size=8 * 1024 * 1024,
-        acks=1,
-        # Idempotence needs acks="all"; one loopback broker gains nothing from it.
-        enable_idempotence=False,
-    )
-    ends: dict[int, int] = {}
-
-    def on_sent(metadata: Any) -> None:
-        ends[metadata.partition] = max(
-            ends.get(metadata.partition, 0), metadata.offset + 1
-        )
-
     sent = 0
-    try:
+
+    def encoded() -> Iterable[tuple[bytes | None, bytes]]:
+        nonlocal sent
         for command in commands:
             key = command.get(key_field)
             encoded_key = None if key is None else str(key).encode()
-            value = json.dumps(command, separators=(",", ":")).encode()
-            producer.send(topic, value=value, key=encoded_key).add_callback(on_sent)
+            yield encoded_key, json.dumps(command, separators=(",", ":")).encode()
             sent += 1
             if progress is not None and sent % 10_000 == 0:
                 progress(sent)
-        producer.flush()
-    finally:
-        producer.close()
+
+    ends = produce_raw(bootstrap_servers, topic, encoded())
     if progress is not None:
         progress(sent)
     logger.info("commands produced topic=%s records=%d", topic, sent)
@@ -96,6 +79,7 @@ def produce_raw(
         batch_size=512 * 1024,
         max_request_size=8 * 1024 * 1024,
         acks=1,
+        # Idempotence needs acks="all", and one loopback broker gains nothing from it.
         enable_idempotence=False,
     )
     ends: dict[int, int] = {}
