@@ -133,7 +133,7 @@ class Aggregate:
         The object carries ``type``, the aggregate id under ``id_field``, an
         optional ``command_id`` and the payload fields; ``aggregate_id`` is
         accepted in place of ``id_field``. An envelope with ``payload`` and
-        ``metadata`` keys is read as it stands. ``source`` adds metadata such as
+        ``metadata`` keys is read as is. ``source`` adds metadata such as
         topic, partition and offset, and gives ``command_id`` when the object
         has none. Raises InvalidCommandError naming the field at fault.
         """

@@ -2,7 +2,7 @@
 
 It executes batches of commands in order, appends each batch's events in one
 transaction, applies lifespans, takes snapshots off the command path, and keeps
-hard bounds (live count, resident memory) whatever the lifespans say.
+hard bounds (live count, resident memory) whatever the lifespans return.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class AggregateHost:
     Crash behaviour: everything here is a cache of the event store. A host that
     dies loses its live aggregates and nothing else; its shards go to a new
     host, which reloads aggregates from snapshots and events. Batches are safe
-    to repeat: command ids already recorded are answered as duplicates.
+    to repeat: command ids already recorded are reported as duplicates.
     ``set_shards`` is idempotent. ``execute_batch`` and ``set_shards`` run one
     at a time in arrival order; ``status`` and ``top_aggregates`` run beside
     them and never change state.
@@ -151,12 +151,12 @@ class AggregateHost:
     # -- commands --------------------------------------------------------------
 
     def execute_batch(self, request: BatchRequest) -> BatchResult:
-        """Execute the commands in order and answer per command, in request order.
+        """Execute the commands in order and return one result per command, in order.
 
-        A command of a shard this host does not own is answered NOT_OWNER. When
-        the store is unavailable, or version conflicts outlast the retries, the
-        unfinished commands are answered FAILED and the sender is fenced until
-        it resends with a higher epoch.
+        A command of a shard this host does not own gets NOT_OWNER. When the
+        store is unavailable, or version conflicts outlast the retries, the
+        unfinished commands get FAILED and the sender is fenced until it
+        resends with a higher epoch.
         """
         started = time.perf_counter()
         with self._lock:
@@ -348,7 +348,7 @@ class AggregateHost:
                     aggregate.apply(event)
             except Exception as failure:
                 # The state may be half applied: reject the command and restart
-                # the batch from the store so that no one sees that state.
+                # the batch from the store so that no later command reads that state.
                 logger.exception(
                     "applying an event raised aggregate=%s/%s command=%s",
                     key[0],
@@ -688,7 +688,7 @@ def _node_id() -> str | None:
 
 
 # The actor: batches and shard changes in the default group (one at a time, in
-# arrival order); read-only calls in their own group so they answer during a batch.
+# arrival order); read-only calls in their own group so they return during a batch.
 for _name in ("status", "top_aggregates", "ping", "flush_snapshots"):
     setattr(
         AggregateHost,

@@ -1,7 +1,7 @@
 """The ``raysource`` command line (also ``python -m pipeline``).
 
 Each subcommand's work lives in its own module, imported only when that
-subcommand runs, so ``--help`` answers at once.
+subcommand runs, so ``--help`` returns at once.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def setting(
 
 @dataclass(frozen=True)
 class KafkaConfig:
-    """Where commands come from and how hard ingestion may push."""
+    """Kafka source settings and the bounds on ingestion."""
 
     bootstrap_servers: str = setting(
         "127.0.0.1:9092", "Kafka bootstrap servers, comma-separated host:port."
@@ -119,7 +119,7 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where events and snapshots are kept."""
+    """Locations of the event store and the snapshot store."""
 
     database_url: str = setting(
         "sqlite:///raysource.db",
@@ -145,7 +145,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    """How the job reaches Ray."""
+    """Connection to Ray: a local instance or a cluster."""
 
     address: str = setting(
         "local",

@@ -32,7 +32,7 @@ _SLOW_TICK_S = 5.0
 
 @dataclass(frozen=True)
 class Assignment:
-    """Which host owns each shard, at a version.
+    """Assignment of shards to hosts at a version.
 
     ``shard_hosts[shard]`` is a host id; ``hosts`` maps host ids to actor handles.
     """
@@ -54,12 +54,12 @@ class _Host:
 class Controller:
     """Own placement: shards to hosts, host start, stop, replacement and recycling.
 
-    Crash behaviour: the controller holds no data. If it dies, Ray also ends
+    Crash behaviour: the controller stores no data. If it dies, Ray also ends
     the hosts it owns, and batches in flight to them fail and are resent. A
     restarted controller starts fresh hosts (any old one still found by name is
-    killed), so every aggregate is reloaded from the stores. ``reconcile`` and ``get_assignment``
-    are safe to repeat. Each step of a reconcile tick is guarded on its own, so
-    one failing step never stops the loop.
+    killed), so every aggregate is reloaded from the stores. ``reconcile`` and
+    ``get_assignment`` are safe to repeat. Each step of a reconcile tick is
+    guarded on its own, so one failing step never stops the loop.
     """
 
     def __init__(self, config: JobConfig, start_loop: bool = True) -> None:

@@ -998,7 +998,7 @@ def _lag(
     return lag
 
 
-# The actor: run() holds the default group for as long as it loops, so status
+# The actor: run() occupies the default group for as long as it loops, so status
 # and stop run in a group of their own and return while run() loops.
 for _name_of_method in ("status", "stop"):
     setattr(

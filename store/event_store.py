@@ -33,7 +33,7 @@ _IN_CHUNK = 500
 
 @dataclass(frozen=True)
 class CommandRecord:
-    """What one command did, to be recorded in one ``append`` call.
+    """Outcome of one command, to be recorded in one ``append`` call.
 
     ``events`` are the command's new events, numbered from
     ``expected_version + 1``; an empty list with ``rejection`` set records a
@@ -53,7 +53,7 @@ class CommandRecord:
 class AppendResult:
     """Outcome of an ``append`` call.
 
-    ``recorded`` holds the command ids written by this call; ``duplicates``
+    ``recorded`` contains the command ids written by this call; ``duplicates``
     maps each command id that was already recorded to its earlier outcome
     ("appended" or "rejected"), and nothing was written for it.
     """
@@ -352,7 +352,7 @@ class EventStore:
         versions: dict[tuple[str, str], int] = {}
         for aggregate_type, ids in ids_by_type.items():
             # Filtering on the type too lets the unique (type, id, version)
-            # index answer each id with one seek.
+            # index find each id with one seek.
             for start in range(0, len(ids), _IN_CHUNK):
                 query = (
                     sa.select(table.c.aggregate_id, sa.func.max(table.c.version))

@@ -826,7 +826,7 @@ def tmux() -> Iterator[Tmux]:
 
 
 # NOTE: in a fresh clone the `top` process started in tmux times out joining
-# the session's Ray (its GCS does not answer it), while the same test passes in
+# the session's Ray (its GCS does not respond), while the same test passes in
 # a working tree used before; the cause is not found. Until it is, the test
 # runs only with -m slow, and `top --once` is checked in the default run.
 @pytest.mark.slow
