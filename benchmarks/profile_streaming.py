@@ -33,7 +33,7 @@ from pathlib import Path
 import ray
 
 from aggregates.workload import generate_commands
-from pipeline.bench import BenchSettings, job_config
+from pipeline._bench_settings import BenchSettings, job_config
 from pipeline.broker import KafkaBroker
 from pipeline.job import StreamingJob
 from pipeline.producer import create_topic, produce_commands
@@ -122,7 +122,7 @@ def _profile_ceiling(
     command = [
         sys.executable,
         "-m",
-        "pipeline.bench",
+        "pipeline._bench_ceiling",
         str(work / "params.json"),
         str(work / "result.json"),
     ]
@@ -192,14 +192,26 @@ def _parser() -> argparse.ArgumentParser:
     add("--note-bytes", type=int, default=2048, help="PlaceOrder note size")
 
     add("--num-hosts", type=int, default=2, help="aggregate hosts")
-    add("--lifespan", default="infinity", choices=("infinity", "idle", "stop"),
-        help="Shop lifespan of the streaming run")
+    add(
+        "--lifespan",
+        default="infinity",
+        choices=("infinity", "idle", "stop"),
+        help="Shop lifespan of the streaming run",
+    )
 
-    add("--duration", type=int, default=20,
-        help="seconds py-spy samples each process of the streaming run")
+    add(
+        "--duration",
+        type=int,
+        default=20,
+        help="seconds py-spy samples each process of the streaming run",
+    )
     add("--rate", type=int, default=100, help="samples per second")
-    add("--no-gil", dest="gil", action="store_false",
-        help="count every thread's samples, not only the GIL holder's")
+    add(
+        "--no-gil",
+        dest="gil",
+        action="store_false",
+        help="count every thread's samples, not only the GIL holder's",
+    )
     add("--top", type=int, default=25, help="functions listed per process")
     add("--out", default="profile-results", help="folder for raw profiles")
     return parser

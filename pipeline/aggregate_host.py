@@ -455,8 +455,9 @@ class AggregateHost:
             # Evicted aggregates leave free pages that the allocator keeps
             # mapped; without handing them back, resident memory would stay
             # at its peak however few aggregates remain live. A release walks
-            # the heap (about 20 ms for 100 MiB, measured on one machine) and holds the allocator's
-            # locks meanwhile, so it runs at most every few seconds.
+            # the heap (about 20 ms for 100 MiB, measured on one machine) and
+            # holds the allocator's locks meanwhile, so it runs at most every
+            # few seconds.
             evictions = self.evictions.total()
             now = time.monotonic()
             if (

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from aggregates.workload import generate_commands
-from pipeline.bench import (
+from pipeline._bench_ceiling import run_ceiling_subprocess
+from pipeline._bench_figures import (
     evaluate_targets,
     hosts_memory_above_idle,
     pair_ratios,
-    run_ceiling_subprocess,
     scaling_growth,
     spread,
 )
