@@ -184,13 +184,18 @@ class Bench:
             self.results.setdefault("ceiling", {})[scale_name] = figures
 
     def _run_lifespans(self) -> None:
-        """Run each lifespan variant once, without and then with the live limit."""
+        """Run each lifespan variant once, without and then with the live limit.
+
+        A limit of 0 runs the variants without the limit only.
+        """
         settings = self.settings
         topic = self._scale_topic(settings.scale)
         variants: dict[str, Any] = {}
         self.results["lifespans"] = {**_topic_facts(topic), "variants": variants}
-        limited = f"max-live-{settings.max_live_aggregates}"
-        for limit in ("", limited):
+        limits = [""]
+        if settings.max_live_aggregates > 0:
+            limits.append(f"max-live-{settings.max_live_aggregates}")
+        for limit in limits:
             max_live = (
                 settings.max_live_aggregates if limit else UNBOUNDED_LIVE_AGGREGATES
             )

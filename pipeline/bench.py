@@ -157,11 +157,11 @@ def register(commands: Any) -> None:
     )
     lifespans.add_argument(
         "--max-live",
-        type=_positive_int,
+        type=_non_negative_int,
         default=1000,
         metavar="N",
-        help="live aggregates per host in the limited lifespan variants "
-        "(default: %(default)s)",
+        help="live aggregates per host in the limited lifespan variants; 0 "
+        "skips the limited variants (default: %(default)s)",
     )
     lifespans.add_argument(
         "--scaling-shops",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pipeline._bench_figures import (
     scaling_growth,
     spread,
 )
+from pipeline.bench import register, settings_from_args
 from pipeline.cli import main
 from pipeline.producer import produce_commands
 
@@ -98,6 +100,23 @@ def test_ceiling_loop_accounts_every_command(
 def test_unknown_suite_rejected(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--suite 'speed' is invalid"):
         main(["bench", "--suite", "speed", "--out", str(tmp_path)])
+
+
+def parse_bench(*arguments: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["bench", *arguments])
+
+
+def test_max_live_zero_allowed() -> None:
+    """--max-live 0 is the setting that skips the limited lifespan variants."""
+    settings = settings_from_args(parse_bench("--max-live", "0"))
+    assert settings.max_live_aggregates == 0
+
+
+def test_max_live_negative_rejected() -> None:
+    with pytest.raises(SystemExit):
+        parse_bench("--max-live", "-1")
 
 
 def test_memory_above_idle_per_host() -> None:
