@@ -1,4 +1,7 @@
-"""Local services for the tests; the broker lives in ``pipeline.broker``, shared with the demo."""
+"""Local services for the tests.
+
+The broker is in ``pipeline.broker``, shared with the demo.
+"""
 
 from pipeline.broker import LOOPBACK_HOST, KafkaBroker, free_port, tansu_binary
 

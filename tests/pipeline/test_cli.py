@@ -28,7 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_TIMEOUT_S = 600
 
 
-def run_cli(*args: str, timeout_s: float = DEMO_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout_s: float = DEMO_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m pipeline ARGS`` and return the finished process."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
@@ -49,16 +51,22 @@ def demo_counts(work_dir: Path) -> dict[str, int]:
 
 
 def test_demo_flight_slice_accounts_rows(tmp_path: Path) -> None:
-    """The demo on 3,000 flights ends with events, rejections and dead letters adding up."""
+    """The demo on 3,000 flights records each row as event, rejection or dead letter."""
     work_dir = tmp_path / "demo"
     finished = run_cli("demo", "--work-dir", str(work_dir), "--limit", "3000")
 
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "every row accounted for" in finished.stdout
     counts = demo_counts(work_dir)
-    accounted = counts["appended_commands"] + counts["rejected_commands"] + counts["dead_letters"]
+    accounted = (
+        counts["appended_commands"]
+        + counts["rejected_commands"]
+        + counts["dead_letters"]
+    )
     assert accounted == 3000
-    assert counts["dead_letters"] > 0, "the first flights include rows without a tail number"
+    assert counts["dead_letters"] > 0, (
+        "the first flights include rows without a tail number"
+    )
     assert (work_dir / "samples.jsonl").stat().st_size > 0
     assert (work_dir / "live_and_memory.png").exists()
 
@@ -71,7 +79,11 @@ def test_demo_all_flights_accounts_rows(tmp_path: Path) -> None:
 
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     counts = demo_counts(work_dir)
-    accounted = counts["appended_commands"] + counts["rejected_commands"] + counts["dead_letters"]
+    accounted = (
+        counts["appended_commands"]
+        + counts["rejected_commands"]
+        + counts["dead_letters"]
+    )
     assert accounted == 336_776
 
 
@@ -85,18 +97,32 @@ def retail_expectations(path: Path, limit: int | None) -> pd.DataFrame:
     return frame.groupby("customer_id").size().rename("lines").to_frame()
 
 
-def run_retail_demo(work_dir: Path, retail: Path, limit: int | None) -> subprocess.CompletedProcess[str]:
-    args = ["demo", "--work-dir", str(work_dir), "--input", str(retail), "--mapping", "retail"]
+def run_retail_demo(
+    work_dir: Path, retail: Path, limit: int | None
+) -> subprocess.CompletedProcess[str]:
+    args = [
+        "demo",
+        "--work-dir",
+        str(work_dir),
+        "--input",
+        str(retail),
+        "--mapping",
+        "retail",
+    ]
     if limit is not None:
         args += ["--limit", str(limit)]
     return run_cli(*args, timeout_s=1500)
 
 
 def check_retail_store(work_dir: Path, retail: Path, limit: int | None) -> None:
-    """Every line is accounted for, and per-customer totals equal a fold of the mapped rows."""
+    """Check that every line is recorded and customer totals equal a fold of rows."""
     commands = list(iter_commands(str(retail), "retail", limit=limit))
     counts = demo_counts(work_dir)
-    accounted = counts["appended_commands"] + counts["rejected_commands"] + counts["dead_letters"]
+    accounted = (
+        counts["appended_commands"]
+        + counts["rejected_commands"]
+        + counts["dead_letters"]
+    )
     assert accounted == len(commands)
 
     expected = retail_expectations(retail, limit)
@@ -108,8 +134,12 @@ def check_retail_store(work_dir: Path, retail: Path, limit: int | None) -> None:
     try:
         events_per_customer = frame.groupby("aggregate_id").size()
         for customer_id, row in expected.iterrows():
-            aggregate = load_aggregate(Customer, str(customer_id), store, snapshots).aggregate
-            assert aggregate.version == events_per_customer.get(customer_id, 0), customer_id
+            aggregate = load_aggregate(
+                Customer, str(customer_id), store, snapshots
+            ).aggregate
+            assert aggregate.version == events_per_customer.get(customer_id, 0), (
+                customer_id
+            )
             assert aggregate.version <= row["lines"], customer_id
         purchases = frame[frame["event_type"] == "ItemPurchased"]
         pence = purchases["payload"].map(
@@ -126,7 +156,9 @@ def check_retail_store(work_dir: Path, retail: Path, limit: int | None) -> None:
             & ~frame_source["InvoiceNo"].astype(str).str.startswith(("C", "A"))
         ].copy()
         bought["customer_id"] = bought["CustomerID"].astype(int).astype(str)
-        bought["pence"] = (bought["Quantity"] * bought["UnitPrice"] * 100).round().astype(int)
+        bought["pence"] = (
+            (bought["Quantity"] * bought["UnitPrice"] * 100).round().astype(int)
+        )
         spend_from_file = bought.groupby("customer_id")["pence"].sum()
         pd.testing.assert_series_equal(
             spend_from_events.sort_index().astype(int),
@@ -137,8 +169,10 @@ def check_retail_store(work_dir: Path, retail: Path, limit: int | None) -> None:
         store.close()
 
 
-def test_demo_retail_slice_matches_groupby(tmp_path: Path, retail_parquet: Path) -> None:
-    """20,000 retail lines through the streaming job match a pandas groupby of the file."""
+def test_demo_retail_slice_matches_groupby(
+    tmp_path: Path, retail_parquet: Path
+) -> None:
+    """20,000 retail lines through the streaming job match a pandas groupby."""
     work_dir = tmp_path / "retail"
     finished = run_retail_demo(work_dir, retail_parquet, limit=20_000)
 
@@ -160,10 +194,13 @@ def test_demo_retail_file_matches_groupby(tmp_path: Path, retail_parquet: Path) 
     ("text", "named"),
     [
         ("[hosts]\nmax_hosts = 0\n", "hosts.max_hosts = 0"),
-        ("[kafka]\ntopics = \"shop-commands\"\n", "kafka.topics"),
-        ("[kafka]\nbootstrap = \"x\"\n", "kafka.bootstrap is not a setting"),
-        ("[aggregates.Shop]\nafter_event = \"sometimes\"\n", "aggregates.Shop.after_event"),
-        ("[aggregates.Shop]\nclass = \"nowhere:Shop\"\n", "aggregates.Shop.class"),
+        ('[kafka]\ntopics = "shop-commands"\n', "kafka.topics"),
+        ('[kafka]\nbootstrap = "x"\n', "kafka.bootstrap is not a setting"),
+        (
+            '[aggregates.Shop]\nafter_event = "sometimes"\n',
+            "aggregates.Shop.after_event",
+        ),
+        ('[aggregates.Shop]\nclass = "nowhere:Shop"\n', "aggregates.Shop.class"),
         ("[hosts]\nmin_hosts = 3\nmax_hosts = 2\n", "hosts.min_hosts = 3"),
         ("not toml [", "is not valid TOML"),
     ],
@@ -182,7 +219,7 @@ def test_run_rejects_bad_setting(tmp_path: Path, text: str, named: str) -> None:
 
 def test_config_check_accepts_valid_file(tmp_path: Path) -> None:
     config = tmp_path / "job.toml"
-    config.write_text("[aggregates.Shop]\nafter_event = \"stop\"\nsnapshot_every = 10\n")
+    config.write_text('[aggregates.Shop]\nafter_event = "stop"\nsnapshot_every = 10\n')
 
     finished = run_cli("config", "--check", str(config), timeout_s=60)
 
@@ -190,11 +227,20 @@ def test_config_check_accepts_valid_file(tmp_path: Path) -> None:
     assert "valid" in finished.stdout
 
 
-def produce_workload(bootstrap: str, topic: str, commands: list[dict[str, Any]]) -> dict[int, list[tuple[int, str]]]:
+def produce_workload(
+    bootstrap: str, topic: str, commands: list[dict[str, Any]]
+) -> dict[int, list[tuple[int, str]]]:
     """Produce commands keyed by shop; return (offset, command_id) per partition."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, enable_idempotence=False, acks=1)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=10, enable_idempotence=False, acks=1
+    )
     futures = [
-        (producer.send(topic, key=c["shop_id"].encode(), value=json.dumps(c).encode()), c["command_id"])
+        (
+            producer.send(
+                topic, key=c["shop_id"].encode(), value=json.dumps(c).encode()
+            ),
+            c["command_id"],
+        )
         for c in commands
     ]
     producer.flush()
@@ -212,7 +258,9 @@ def committed(bootstrap: str, group: str) -> dict[int, int]:
         offsets = admin.list_group_offsets({group: None}).get(group, {})
     finally:
         admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+    return {
+        tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0
+    }
 
 
 def start_run(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -231,13 +279,14 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
         if predicate():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    msg = f"timed out after {timeout_s}s waiting for {what}"
+    raise AssertionError(msg)
 
 
 def test_sigterm_commits_only_durable(
     tmp_path: Path, kafka_broker: str, kafka_topic: Any
 ) -> None:
-    """SIGTERM commits only durable offsets, and a second run finishes with nothing twice."""
+    """SIGTERM commits only durable offsets; a second run records nothing twice."""
     topic = kafka_topic(8)
     group = f"group-{topic}"
     database = f"sqlite:///{tmp_path / 'events.db'}"
@@ -248,7 +297,7 @@ def test_sigterm_commits_only_durable(
         f'[kafka]\nbootstrap_servers = "{kafka_broker}"\ntopics = ["{topic}"]\n'
         f'group_id = "{group}"\ncommit_interval_s = 0.5\nmax_batch_commands = 200\n'
         f'[store]\ndatabase_url = "{database}"\nsnapshot_url = "{snapshots}"\n'
-        '[ray]\nnum_cpus = 2\n'
+        "[ray]\nnum_cpus = 2\n"
         '[aggregates.Shop]\nafter_event = "stop"\nsnapshot_every = 10\n'
     )
     messages = list(generate_commands(300, 20_000, note_bytes=64))
@@ -264,7 +313,9 @@ def test_sigterm_commits_only_durable(
 
     first = start_run(config, log)
     try:
-        wait_for(lambda: appended() > 2_000, 180, "the first run to append 2,000 commands")
+        wait_for(
+            lambda: appended() > 2_000, 180, "the first run to append 2,000 commands"
+        )
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:
@@ -277,16 +328,28 @@ def test_sigterm_commits_only_durable(
     store.close()
     assert offsets, "the first run committed nothing"
     for partition, committed_offset in offsets.items():
-        below = [command_id for offset, command_id in placed[partition] if offset < committed_offset]
+        below = [
+            command_id
+            for offset, command_id in placed[partition]
+            if offset < committed_offset
+        ]
         missing = [command_id for command_id in below if command_id not in recorded]
-        assert not missing, f"partition {partition} committed past {len(missing)} commands not durable"
+        assert not missing, (
+            f"partition {partition} committed past {len(missing)} commands not durable"
+        )
     assert len(recorded) < len(messages), "the first run should stop before the end"
 
-    ends = {partition: max(offset for offset, _ in rows) + 1 for partition, rows in placed.items()}
+    ends = {
+        partition: max(offset for offset, _ in rows) + 1
+        for partition, rows in placed.items()
+    }
     second = start_run(config, log)
     try:
         wait_for(
-            lambda: all(committed(kafka_broker, group).get(p, 0) >= end for p, end in ends.items()),
+            lambda: all(
+                committed(kafka_broker, group).get(p, 0) >= end
+                for p, end in ends.items()
+            ),
             300,
             "the second run to commit every partition",
         )
