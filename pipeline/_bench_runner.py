@@ -89,6 +89,8 @@ class Bench:
         self.results: dict[str, Any] = {}
         self._broker: Any = None
         self._topics: dict[str, Topic] = {}
+        # A Ray that runs before the bench (a caller's own) is left running.
+        self._ray_was_running = _ray_is_running()
 
     def run(self) -> dict[str, Any]:
         """Run every chosen part; return the results, also written to results.json."""
@@ -440,11 +442,10 @@ class Bench:
         shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
 
     def _shut_down(self) -> None:
-        if "ray" in sys.modules:
+        if _ray_is_running() and not self._ray_was_running:
             import ray
 
-            if ray.is_initialized():
-                ray.shutdown()
+            ray.shutdown()
         if self._broker is not None:
             from pipeline.monitor import rss_of
 
@@ -489,6 +490,15 @@ class Bench:
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
         temporary.replace(path)
+
+
+def _ray_is_running() -> bool:
+    # Checked without importing Ray, which takes seconds.
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return bool(ray.is_initialized())
 
 
 def _settings_facts(settings: BenchSettings) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def run_demo(args: argparse.Namespace) -> int:
     _log_to_file(work_dir / "demo.log")
     stop = stop_on_signals()
     broker = KafkaBroker(log_path=work_dir / "broker.log")
+    # A Ray that runs before the demo (a caller's own) is left running.
+    ray_was_running = ray.is_initialized()
     output(f"raysource demo: work folder {work_dir}")
     try:
         bootstrap = broker.start()
@@ -60,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 130
         summary = _run_job(config, ends, broker, stop, rows, args.timeout)
     finally:
-        if ray.is_initialized():
+        if ray.is_initialized() and not ray_was_running:
             ray.shutdown()
         broker.stop()
     print_summary(summary, rows_read=rows)

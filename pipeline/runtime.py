@@ -13,11 +13,16 @@ from pipeline.controller import CONTROLLER_NAME, ControllerActor
 
 logger = logging.getLogger(__name__)
 
-# Set before Ray starts. Ray's usage statistics are sent to an outside server
-# unless switched off. On Linux, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a
-# local Ray take 127.0.0.1 as its node address and bind its servers there
-# (checked with Ray 2.60), so a local instance serves loopback only.
-_LOCAL_RAY_ENVIRONMENT = {
+# Set before Ray starts or is joined, unless the environment sets them. Ray's
+# usage statistics are sent to an outside server unless switched off. On Linux,
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a local Ray take 127.0.0.1 as its
+# node address and bind its servers there, so a local instance serves loopback
+# only. A process that joins needs the switch too. With the switch on, Ray
+# replaces a loopback host in the address with this machine's outside address,
+# where such an instance does not listen, so ray.init waits on the GCS until it
+# times out. Other hosts are used as given either way (checked with Ray 2.60,
+# in ray._private.services.resolve_ip_for_localhost).
+_RAY_ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
@@ -30,10 +35,10 @@ def init_ray(config: RayConfig) -> None:
     """
     if ray.is_initialized():
         return
+    for name, value in _RAY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    _apply_cluster_switch()
     if config.address == "local":
-        for name, value in _LOCAL_RAY_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
-        _apply_cluster_switch()
         options: dict[str, Any] = {
             # "local" always starts a new instance. Without an address,
             # ray.init joins the instance whose address a `ray start` on this
@@ -50,7 +55,6 @@ def init_ray(config: RayConfig) -> None:
             options["object_store_memory"] = config.object_store_memory_bytes
         ray.init(**options)
     else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=config.address, namespace=config.namespace)
     logger.info("ray started address=%s namespace=%s", config.address, config.namespace)
 

@@ -91,40 +91,82 @@ S3_SECRET_KEY = "testing"
 TopicFactory = Callable[..., str]
 
 
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[Any]:
-    """Start one local Ray instance for the session and yield its context.
+RAY_SESSION_OPTIONS: dict[str, Any] = {
+    # "local" starts a new instance even when an earlier `ray start` left a
+    # cluster address in /tmp/ray.
+    "address": "local",
+    "num_cpus": 4,
+    "object_store_memory": RAY_OBJECT_STORE_BYTES,
+    "include_dashboard": False,
+    # Worker output reaches the test report, so a failing actor's log lines
+    # show up beside the failing test.
+    "log_to_driver": True,
+}
 
-    Ray binds to 127.0.0.1 only, because `_isolate_environment` has set
-    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`. The instance has 4 CPUs and a 300 MiB object store.
+
+class SessionRay:
+    """The session's local Ray instance, started again after a shutdown.
+
+    A test may shut down the Ray it runs on, and code under test that starts
+    Ray itself (a CLI command run in the test process) shuts it down at its
+    end. The next `.remote()` call then starts a Ray with Ray's default
+    settings. A context kept from the first start would name a GCS that no
+    longer listens, so a process that joins that address (`raysource top` in
+    a terminal) would time out.
     """
+
+    def __init__(self) -> None:
+        self.context: Any = None
+
+    def ensure_running(self) -> Any:
+        """Return the context of this session's Ray, starting it if needed."""
+        import ray
+
+        if ray.is_initialized():
+            if self.context is not None and (
+                ray.get_runtime_context().gcs_address
+                == self.context.address_info["gcs_address"]
+            ):
+                return self.context
+            # Something other than this fixture started this Ray, such as
+            # init_ray or a `.remote()` call, and with other settings.
+            ray.shutdown()
+        try:
+            self.context = ray.init(**RAY_SESSION_OPTIONS)
+        except Exception as err:
+            # ray.init raises many exception types, and any of them means that
+            # Ray did not start.
+            pytest.fail(
+                f"Ray failed to start: {err!r}. Reproduce outside pytest with: "
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python -c 'import ray; "
+                "ray.init(num_cpus=4, include_dashboard=False)'"
+            )
+        return self.context
+
+
+@pytest.fixture(scope="session")
+def session_ray() -> Iterator[SessionRay]:
+    """Yield the session's Ray, not yet started, and shut it down at the end."""
+    instance = SessionRay()
+
+    yield instance
+
     import ray
 
-    try:
-        context = ray.init(
-            # "local" starts a new instance even when an earlier `ray start`
-            # left a cluster address in /tmp/ray.
-            address="local",
-            num_cpus=4,
-            object_store_memory=RAY_OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            # Worker output reaches the test report, so a failing actor's
-            # log lines show up beside the failing test.
-            log_to_driver=True,
-        )
-    except Exception as err:
-        # ray.init raises many exception types, and any of them means that Ray
-        # did not start.
-        pytest.fail(
-            f"Ray failed to start: {err!r}. Reproduce outside pytest with: "
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python -c 'import ray; "
-            "ray.init(num_cpus=4, include_dashboard=False)'"
-        )
-
-    yield context
-
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(session_ray: SessionRay) -> Any:
+    """Return the context of the session's local Ray, starting it if needed.
+
+    Ray binds to 127.0.0.1 only, because `_isolate_environment` has set
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`. The instance has 4 CPUs and a 300 MiB
+    object store. One instance serves every test unless a test shut it down or
+    replaced it, and then the next test that requests this fixture gets a new
+    one with the same settings.
+    """
+    return session_ray.ensure_running()
 
 
 @pytest.fixture(scope="session")

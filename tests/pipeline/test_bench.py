@@ -102,6 +102,20 @@ def test_unknown_suite_rejected(tmp_path: Path) -> None:
         main(["bench", "--suite", "speed", "--out", str(tmp_path)])
 
 
+def test_bench_leaves_running_ray(tmp_path: Path, ray_session: Any) -> None:
+    """The bench shuts down only a Ray that it started itself."""
+    import ray
+
+    gcs_address = ray_session.address_info["gcs_address"]
+    arguments = ["--suite", "load", "--load-events", "200", "--runs", "1"]
+
+    code = main(["bench", *arguments, "--out", str(tmp_path)])
+
+    assert code == 0
+    assert ray.is_initialized()
+    assert ray.get_runtime_context().gcs_address == gcs_address
+
+
 def parse_bench(*arguments: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
