@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from aggregates.customer import Customer
 from aggregates.shop import Shop
 from aggregates.workload import generate_commands
-from pipeline import backfill
+from pipeline import _backfill_workers
 from pipeline.backfill import (
     TopicRange,
     format_progress,
@@ -312,14 +312,14 @@ def test_backfill_replaces_killed_worker(
     import ray
 
     started: list[Any] = []
-    original_start = backfill._RayPool._start
+    original_start = _backfill_workers.RayPool._start
 
     def recording_start(pool: Any, worker: int) -> Any:
         actor = original_start(pool, worker)
         started.append(actor)
         return actor
 
-    monkeypatch.setattr(backfill._RayPool, "_start", recording_start)
+    monkeypatch.setattr(_backfill_workers.RayPool, "_start", recording_start)
     killed: list[int] = []
 
     def kill_first_worker(state: dict[str, Any]) -> None:
