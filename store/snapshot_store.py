@@ -176,11 +176,16 @@ class SnapshotStore:
         return ".json.gz" if self.compression == "gzip" else ".json"
 
     def _ls(self, folder: str) -> list[str]:
+        # Listings are read fresh and not kept: backends with a listings
+        # cache (s3fs) would otherwise keep one entry per aggregate ever
+        # loaded, so a host's memory would grow with the number of aggregates.
+        self.fs.invalidate_cache(folder)
         try:
-            self.fs.invalidate_cache(folder)
             return list(self.fs.ls(folder, detail=False))
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(folder)
 
     def _paths(self, folder: str) -> dict[int, str]:
         paths = {}

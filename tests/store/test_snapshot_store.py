@@ -139,6 +139,19 @@ class TestSaveAndLoad:
         assert first.version == 10
         assert snapshot_store.list_versions(TYPE, "shop-1") == {1: [10]}
 
+    def test_listings_not_cached(self, snapshot_store: SnapshotStore) -> None:
+        """Loads of many aggregates leave no folder listings in fsspec's cache."""
+        # fsspec shares one filesystem object among stores of the same options,
+        # so other tests' listings may already be cached.
+        snapshot_store.fs.invalidate_cache()
+
+        for number in range(20):
+            snapshot_store.save(make_snapshot(10, aggregate_id=f"shop-{number}"))
+            snapshot_store.load_latest(TYPE, f"shop-{number}", 1)
+            snapshot_store.list_versions(TYPE, f"shop-{number}")
+
+        assert len(snapshot_store.fs.dircache) == 0
+
 
 class TestSnapshotVersion:
     def test_other_snapshot_version_ignored(
