@@ -9,6 +9,7 @@ config`` prints and the README reproduces.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -229,7 +230,7 @@ class HostsConfig:
         0, "Memory Ray reserves for each host; 0 for none.", minimum=0
     )
     resources: dict[str, float] = setting(
-        {}, "Custom Ray resources each host requires."
+        {}, "Custom Ray resources each host requires.", minimum=0.0
     )
     spread: bool = setting(False, "Spread hosts over the cluster's nodes.")
 
@@ -378,6 +379,10 @@ def _check_value(name: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> A
     origin = typing.get_origin(hint) or hint
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if origin is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML accepts nan and inf, which pass every minimum check.
+        msg = f"{name} = {value!r} is invalid: expected a finite number"
+        raise ConfigError(msg)
     expected = {list: list, dict: dict}.get(origin, origin)
     if isinstance(expected, types.UnionType) or not isinstance(expected, type):
         return value
@@ -393,6 +398,11 @@ def _check_value(name: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> A
                 f"expected a list of {_type_name(item_type)}"
             )
             raise ConfigError(msg)
+    if origin is dict and typing.get_args(hint)[1:] == (float,):
+        # Each value is checked like a float setting, against this setting's minimum.
+        for key, item in value.items():
+            _check_value(f"{name}.{key}", item, float, meta)
+        return value
     minimum = meta.get("minimum")
     if minimum is not None and value < minimum:
         msg = f"{name} = {value!r} is invalid: expected at least {minimum}"
@@ -427,6 +437,14 @@ def _check_consistency(config: JobConfig) -> None:
         raise ConfigError(msg)
     if not config.kafka.topics:
         msg = "kafka.topics = [] is invalid: expected at least one topic"
+        raise ConfigError(msg)
+    dead_letter_topic = config.kafka.dead_letter_topic
+    if dead_letter_topic and dead_letter_topic in config.kafka.topics:
+        msg = (
+            f"kafka.dead_letter_topic = {dead_letter_topic!r} is "
+            "invalid: expected a topic not in kafka.topics, because the job "
+            "would consume its own dead letters"
+        )
         raise ConfigError(msg)
     if not 0 < config.kafka.resume_below_fraction <= 1:
         msg = (
