@@ -95,12 +95,25 @@ def _run(args: argparse.Namespace) -> int:
     job = StreamingJob(config)
     job.start()
     stop_on_signals(stop)
+    _print_ray_address(config, args.config)
     try:
         job.wait(stop, progress_printer(expected=None))
     finally:
         summary = job.stop()
     print_summary(summary, rows_read=None)
     return 0
+
+
+def _print_ray_address(config: JobConfig, config_path: str | None) -> None:
+    """Print where status and top from another shell can join this job's Ray."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    config_option = f" --config {config_path}" if config_path else ""
+    output(
+        f"raysource run: Ray at {address}, namespace {config.ray.namespace}; "
+        f"follow it with: raysource top --address {address}{config_option}"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -56,7 +56,12 @@ def init_ray(config: RayConfig) -> None:
         ray.init(**options)
     else:
         ray.init(address=config.address, namespace=config.namespace)
-    logger.info("ray started address=%s namespace=%s", config.address, config.namespace)
+    logger.info(
+        "ray started address=%s gcs_address=%s namespace=%s",
+        config.address,
+        ray.get_runtime_context().gcs_address,
+        config.namespace,
+    )
 
 
 def _apply_cluster_switch() -> None:

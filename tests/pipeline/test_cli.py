@@ -321,6 +321,7 @@ def test_sigterm_commits_only_durable(
     finally:
         if first.poll() is None:
             first.kill()
+    assert "follow it with: raysource top --address 127.0.0.1:" in log.read_text()
 
     offsets = committed(kafka_broker, group)
     store = EventStore(database)
