@@ -212,6 +212,8 @@ class FileSource(RowSource):
             return value
         message = self._mapping.row(value, row_number)
         if isinstance(message, dict) and message.get("command_id") is None:
+            # NOTE: as in pipeline.sources, the id does not name the file, so a
+            # second file with this mapping is skipped as a rerun of the first.
             message["command_id"] = f"{self._mapping.name}-{row_number}"
         return message
 

@@ -194,6 +194,9 @@ def iter_commands(
                 return
             message = resolved.row(row, row_number)
             if isinstance(message, dict) and message.get("command_id") is None:
+                # NOTE: the id names the mapping and the row, not the file, so
+                # rows of a second file with this mapping count as duplicates
+                # of the first file's rows in the same store, and are skipped.
                 message["command_id"] = f"{resolved.name}-{row_number}"
             yield message
             row_number += 1
