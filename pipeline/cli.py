@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,8 @@ from pipeline.config import ConfigError, JobConfig, describe_settings, load_conf
 from pipeline.logs import configure_logging
 
 EXIT_CONFIG_ERROR = 2
+# The shell's code for a process ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"raysource: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except BrokenPipeError:
+        # The reader of the output went away (`raysource config | head`).
+        # Python flushes stdout again at exit, so it goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def output(text: str = "", *, end: str = "\n") -> None:

@@ -217,6 +217,22 @@ def test_run_rejects_bad_setting(tmp_path: Path, text: str, named: str) -> None:
     assert "Traceback" not in finished.stderr
 
 
+def test_config_output_into_closed_pipe() -> None:
+    """A reader that stops early (`| head -1`) gets no traceback on stderr."""
+    finished = subprocess.run(
+        f"{sys.executable} -m pipeline config | head -1",
+        shell=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert finished.stdout.strip()
+    assert "Traceback" not in finished.stderr
+    assert "BrokenPipeError" not in finished.stderr
+
+
 def test_config_check_accepts_valid_file(tmp_path: Path) -> None:
     config = tmp_path / "job.toml"
     config.write_text('[aggregates.Shop]\nafter_event = "stop"\nsnapshot_every = 10\n')
