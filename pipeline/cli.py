@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -110,6 +111,30 @@ def _run(args: argparse.Namespace) -> int:
         summary = job.stop()
     print_summary(summary, rows_read=None)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"{text} is invalid: expected an integer of 1 or more"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        msg = f"{text} is invalid: expected an integer of 0 or more"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        msg = f"{text} is invalid: expected a finite number of seconds above 0"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _print_ray_address(config: JobConfig, config_path: str | None) -> None:
@@ -216,20 +241,23 @@ def _parser() -> argparse.ArgumentParser:
         "'module:function' (default: guessed from the file name)",
     )
     demo.add_argument(
-        "--limit", type=int, metavar="ROWS", help="read only the first ROWS rows"
+        "--limit",
+        type=_non_negative_int,
+        metavar="ROWS",
+        help="read only the first ROWS rows",
     )
     demo.add_argument(
         "--config", metavar="FILE", help="TOML file overriding the demo's settings"
     )
     demo.add_argument(
         "--num-ingestors",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="KafkaIngestor actors (default 1)",
     )
     demo.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=3600.0,
         metavar="SECONDS",
         help="give up if the topic is not drained after this long "

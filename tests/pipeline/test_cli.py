@@ -20,6 +20,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 
 from aggregates import Customer, Shop
 from aggregates.workload import generate_commands
+from pipeline.cli import main
 from pipeline.sources import iter_commands
 from store import EventStore, SnapshotStore, load_aggregate
 from tests.pipeline.conftest import assert_store_matches_fold
@@ -215,6 +216,21 @@ def test_run_rejects_bad_setting(tmp_path: Path, text: str, named: str) -> None:
     assert finished.returncode == 2
     assert named in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--limit", "-5"), ("--num-ingestors", "0"), ("--timeout", "nan")],
+)
+def test_demo_rejects_bad_option(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad option stops the demo before it starts a broker, naming the option."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", option, value])
+
+    assert stopped.value.code == 2
+    assert option in capsys.readouterr().err
 
 
 def test_config_output_into_closed_pipe() -> None:
