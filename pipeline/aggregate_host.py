@@ -65,7 +65,7 @@ EVICT_FAILED_BATCH = "failed_batch"
 _BUSY_WINDOW_S = 10.0
 # Share of live aggregates evicted at once when the memory budget is exceeded.
 _MEMORY_EVICT_FRACTION = 0.25
-# Least seconds between two hand-backs of free heap pages after evictions.
+# Minimum seconds between two hand-backs of free heap pages after evictions.
 _RELEASE_INTERVAL_S = 5.0
 
 
@@ -452,12 +452,10 @@ class AggregateHost:
         last_release = time.monotonic()
         while not self._stopping.wait(self._config.idle_check_interval_s):
             self.evict_idle()
-            # Evicted aggregates leave free pages that the allocator keeps
-            # mapped; without handing them back, resident memory would stay
-            # at its peak however few aggregates remain live. A release walks
-            # the heap (about 20 ms for 100 MiB, measured on one machine) and
-            # holds the allocator's locks meanwhile, so it runs at most every
-            # few seconds.
+            # The allocator keeps the pages of evicted aggregates mapped, so
+            # resident memory stays at its peak unless they are handed back.
+            # A release walks the heap (about 20 ms for 100 MiB, measured on
+            # one machine) under the allocator's locks, so it runs seldom.
             evictions = self.evictions.total()
             now = time.monotonic()
             if (

@@ -51,6 +51,7 @@ from pipeline._bench_settings import (
     BenchSettings,
     job_config,
 )
+from pipeline.cli import non_negative_int, positive_int
 
 
 def register(commands: Any) -> None:
@@ -82,7 +83,7 @@ def register(commands: Any) -> None:
     )
     chosen.add_argument(
         "--runs",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         metavar="N",
         help="runs of each throughput, ceiling and load measurement (default: "
@@ -118,7 +119,7 @@ def register(commands: Any) -> None:
     )
     streaming.add_argument(
         "--num-hosts",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         metavar="N",
         help="aggregate hosts of each streaming run, all started at once "
@@ -126,7 +127,7 @@ def register(commands: Any) -> None:
     )
     streaming.add_argument(
         "--note-bytes",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=2048,
         metavar="BYTES",
         help="note size of PlaceOrder commands in the throughput, ceiling, "
@@ -134,7 +135,7 @@ def register(commands: Any) -> None:
     )
     streaming.add_argument(
         "--snapshot-every",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         metavar="N",
         help="events between snapshots in streaming runs and in the load part "
@@ -157,7 +158,7 @@ def register(commands: Any) -> None:
     )
     lifespans.add_argument(
         "--max-live",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1000,
         metavar="N",
         help="live aggregates per host in the limited lifespan variants; 0 "
@@ -171,14 +172,14 @@ def register(commands: Any) -> None:
     )
     lifespans.add_argument(
         "--scaling-commands",
-        type=_positive_int,
+        type=positive_int,
         default=1_000_000,
         metavar="N",
         help="commands per scaling run (default: %(default)s)",
     )
     lifespans.add_argument(
         "--scaling-note-bytes",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=512,
         metavar="BYTES",
         help="note size in the scaling part (default: %(default)s)",
@@ -187,7 +188,7 @@ def register(commands: Any) -> None:
     load = bench.add_argument_group("loading one aggregate")
     load.add_argument(
         "--load-events",
-        type=_positive_int,
+        type=positive_int,
         default=100_000,
         metavar="N",
         help="events in the stream of the load part (default: %(default)s)",
@@ -291,22 +292,6 @@ def _parse_names(text: str, accepted: Sequence[str], option: str) -> tuple[str, 
         )
         raise SystemExit(msg)
     return names
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        msg = f"{text} is invalid: expected an integer of 1 or more"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        msg = f"{text} is invalid: expected an integer of 0 or more"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def _log_to_file(path: Path) -> logging.Handler:

@@ -113,18 +113,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        msg = f"{text} is invalid: expected an integer of 1 or more"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+def positive_int(text: str) -> int:
+    """Parse an option value that must be an integer of 1 or more."""
+    return _int_at_least(text, 1)
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """Parse an option value that must be an integer of 0 or more."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     value = int(text)
-    if value < 0:
-        msg = f"{text} is invalid: expected an integer of 0 or more"
+    if value < minimum:
+        msg = f"{text} is invalid: expected an integer of {minimum} or more"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -242,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--limit",
-        type=_non_negative_int,
+        type=non_negative_int,
         metavar="ROWS",
         help="read only the first ROWS rows",
     )
@@ -251,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--num-ingestors",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="KafkaIngestor actors (default 1)",
     )
